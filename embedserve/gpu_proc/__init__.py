@@ -1,0 +1,1 @@
+"""The model executor process: token ids in, pooled embeddings out (PyTorch; CPU or CUDA)."""

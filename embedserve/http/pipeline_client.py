@@ -1,0 +1,109 @@
+"""The HTTP process's door to the pipeline: submit a request, await its encoded body, abort if the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable
+
+import zmq.asyncio
+
+from embedserve.http.errors import ApiError
+from embedserve.ipc.ports import PortArgs
+from embedserve.ipc.shm_ring import ShmRing
+from embedserve.ipc.zmq_queue import AsyncZmqPull, AsyncZmqPush
+from embedserve.messages import (
+    AbortRequest,
+    EmbedRequest,
+    HttpInput,
+    RequestFailed,
+    ResponseReady,
+    ServerState,
+    TokenizerInput,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready; the request was aborted."""
+
+
+class PipelineClient:
+    def __init__(self, ports: PortArgs):
+        self._ctx = zmq.asyncio.Context()
+        self._ports = ports
+        self.response_ring = ShmRing.attach(ports.response_ring)
+        self.to_tokenizer: AsyncZmqPush[TokenizerInput] = AsyncZmqPush(self._ctx, ports.tokenizer_addr)
+        self.inbox: AsyncZmqPull[HttpInput] = AsyncZmqPull(self._ctx, ports.http_addr, HttpInput)
+        self.waiting: dict[str, asyncio.Future[bytes]] = {}
+        self.ready = False  # warm-up passed
+        self.draining = False  # shutting down: no new requests
+        self._handlers = {
+            ResponseReady: self._on_response,
+            RequestFailed: self._on_failure,
+            ServerState: self._on_state,
+        }
+        self._reader: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        while True:
+            msg = await self.inbox.recv()
+            try:
+                self._handlers[type(msg)](msg)
+            except Exception:  # a bad message must not stop every later response
+                logger.exception("Could not deliver %s", type(msg).__name__)
+
+    def _on_response(self, msg: ResponseReady) -> None:
+        body = bytes(self.response_ring.view(msg.body.offset, msg.body.nbytes))
+        self.response_ring.release(msg.body.offset)
+        future = self.waiting.pop(msg.rid, None)
+        if future is not None and not future.done():
+            future.set_result(body)
+
+    def _on_failure(self, msg: RequestFailed) -> None:
+        future = self.waiting.pop(msg.rid, None)
+        if future is not None and not future.done():
+            future.set_exception(ApiError(msg.status, msg.message, msg.type, msg.param, msg.code))
+
+    def _on_state(self, msg: ServerState) -> None:
+        self.ready, self.draining = msg.ready, msg.draining
+
+    async def embed(self, request: EmbedRequest, client_gone: Awaitable[None]) -> bytes:
+        """Submit `request`; its encoded body, or ClientGone once `client_gone` completes first."""
+        if self.draining:
+            raise ApiError(503, "The server is shutting down and accepts no new requests.")
+        rid = request.meta.rid
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiting[rid] = future
+        watcher = asyncio.ensure_future(client_gone)
+        try:
+            await self.to_tokenizer.send(request)
+            done, _ = await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if future in done:
+                return future.result()
+            await self.abort(rid)
+            raise ClientGone(rid)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.abort(rid))
+            raise
+        finally:
+            watcher.cancel()
+            self.waiting.pop(rid, None)
+
+    async def abort(self, rid: str) -> None:
+        self.waiting.pop(rid, None)
+        await self.to_tokenizer.send(AbortRequest(rid=rid))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self.to_tokenizer.close()
+        self.inbox.close()
+        self.response_ring.close()

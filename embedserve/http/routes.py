@@ -1,0 +1,177 @@
+"""The endpoints: OpenAI's /v1/embeddings and /v1/models, SGLang's /encode and info routes, /health."""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from embedserve.http import validation as v
+from embedserve.http.errors import ApiError, invalid
+from embedserve.http.pipeline_client import ClientGone, PipelineClient
+from embedserve.http.schemas import EMBEDDINGS_REQUEST, ENCODE_REQUEST, body_spec
+from embedserve.messages import EmbedRequest, RequestMeta
+from embedserve.model_config import ModelConfig
+from embedserve.server_args import ServerArgs
+
+# NOTE: nginx's "client closed request"; the client is gone, so nobody reads it.
+CLIENT_CLOSED_REQUEST = 499
+
+
+@dataclass
+class AppState:
+    args: ServerArgs
+    model: ModelConfig
+    limits: v.Limits
+    pipeline: PipelineClient
+    started: float
+
+
+def state_of(request: Request) -> AppState:
+    return request.app.state.embedserve
+
+
+def require_api_key(request: Request) -> None:
+    expected = state_of(request).args.api_key
+    if not expected:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    # NOTE: constant-time compare, so response timing says nothing about the key.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise ApiError(
+            401,
+            "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+            "invalid_request_error",
+            None,
+            "invalid_api_key",
+        )
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+public = APIRouter()
+protected = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@public.get("/health")
+async def health(request: Request) -> Response:
+    pipeline = state_of(request).pipeline
+    if pipeline.ready and not pipeline.draining:
+        return json_response({"status": "ok"})
+    reason = "shutting down" if pipeline.draining else "starting"
+    return ApiError(503, f"The server is {reason}.").response()
+
+
+@protected.post("/v1/embeddings", openapi_extra=body_spec(EMBEDDINGS_REQUEST))
+async def embeddings(request: Request) -> Response:
+    state = state_of(request)
+    data = v.parse_json_object(await request.body())
+    model = v.check_model(data, state.limits)
+    encoding_format = v.check_encoding_format(data)
+    dimensions = v.check_dimensions(data, state.limits)
+    v.check_user(data)
+    inputs = v.parse_inputs(data.get("input"), state.limits)
+    meta = RequestMeta(
+        rid=uuid.uuid4().hex,
+        api="openai",
+        model=model,
+        lengths=[],
+        encoding_format=encoding_format,
+        dimensions=dimensions,
+        arrival_time=time.time(),
+    )
+    return await _run(request, meta, inputs)
+
+
+@protected.post("/encode", openapi_extra=body_spec(ENCODE_REQUEST))
+async def encode(request: Request) -> Response:
+    state = state_of(request)
+    data = v.parse_json_object(await request.body())
+    has_text, has_ids = data.get("text") is not None, data.get("input_ids") is not None
+    if has_text == has_ids:
+        raise invalid("Send exactly one of 'text' or 'input_ids'.", param="text")
+    if has_text:
+        inputs = v.parse_inputs(data["text"], state.limits, param="text", allow_ids=False)
+    else:
+        inputs = v.parse_inputs(data["input_ids"], state.limits, param="input_ids", allow_text=False)
+    meta = RequestMeta(
+        rid=uuid.uuid4().hex,
+        api="encode",
+        model=state.limits.served_name,
+        lengths=[],
+        single=inputs.single,
+        arrival_time=time.time(),
+    )
+    return await _run(request, meta, inputs)
+
+
+async def _run(request: Request, meta: RequestMeta, inputs: v.ParsedInputs) -> Response:
+    msg = EmbedRequest(
+        meta=meta, texts=inputs.texts, token_ids=inputs.token_ids, token_lengths=inputs.token_lengths
+    )
+    try:
+        body = await state_of(request).pipeline.embed(msg, _disconnected(request))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return Response(body, media_type="application/json")
+
+
+async def _disconnected(request: Request) -> None:
+    """Completes when the client closes its connection (the body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@protected.get("/v1/models")
+async def models(request: Request) -> Response:
+    state = state_of(request)
+    card = {
+        "id": state.limits.served_name,
+        "object": "model",
+        "created": int(state.started),
+        "owned_by": "embedserve",
+        "root": state.args.model_path,
+        "max_model_len": state.model.context_length,
+    }
+    return json_response({"object": "list", "data": [card]})
+
+
+@protected.get("/get_model_info")
+async def model_info(request: Request) -> Response:
+    state = state_of(request)
+    return json_response(
+        {
+            "model_path": state.args.model_path,
+            "tokenizer_path": state.args.resolved_tokenizer_path,
+            "served_model_name": state.limits.served_name,
+            "is_generation": False,
+            "architecture": state.model.architecture,
+            "embedding_size": state.model.hidden_size,
+            "context_length": state.model.context_length,
+            "pooling": state.model.pooling,
+            "normalize": state.model.normalize,
+        }
+    )
+
+
+@protected.get("/get_server_info")
+async def server_info(request: Request) -> Response:
+    state = state_of(request)
+    info = state.args.as_dict()
+    if info.get("api_key"):
+        info["api_key"] = "***"  # never echo the secret
+    info.update(
+        max_prefill_tokens_in_use=state.args.prefill_token_budget,
+        max_running_requests_in_use=state.args.running_request_budget,
+        context_length_in_use=state.model.context_length,
+    )
+    return json_response(info)

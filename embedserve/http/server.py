@@ -1,0 +1,101 @@
+"""The HTTP process: FastAPI on uvicorn + uvloop, reporting ready to the launcher once it listens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from multiprocessing.connection import Connection
+
+import uvicorn
+from fastapi import FastAPI
+
+from embedserve.http import routes
+from embedserve.http.errors import install_error_handlers
+from embedserve.http.pipeline_client import PipelineClient
+from embedserve.http.validation import Limits
+from embedserve.ipc.child import LauncherChannel, child_process
+from embedserve.ipc.ports import PortArgs
+from embedserve.log import uvicorn_log_config
+from embedserve.model_config import load_model_config
+from embedserve.server_args import ServerArgs
+
+
+def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | None = None) -> FastAPI:
+    model = load_model_config(args.model_path, args.context_length)
+    limits = Limits(
+        vocab_size=model.vocab_size,
+        hidden_size=model.hidden_size,
+        model_names=args.accepted_model_names,
+        served_name=args.model_name,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pipeline = PipelineClient(ports)
+        pipeline.start()
+        app.state.embedserve = routes.AppState(args, model, limits, pipeline, time.time())
+        watcher = asyncio.ensure_future(_report_when_drained(pipeline, args.shutdown_timeout, launcher))
+        yield
+        watcher.cancel()
+        await pipeline.close()
+
+    app = FastAPI(
+        title="embedserve",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible embeddings (/v1/embeddings) and SGLang's /encode.",
+    )
+    install_error_handlers(app)
+    app.include_router(routes.public)
+    app.include_router(routes.protected)
+    return app
+
+
+async def _report_when_drained(
+    pipeline: PipelineClient, timeout: float, launcher: LauncherChannel | None
+) -> None:
+    """Once the launcher asks to drain, tell it when in-flight requests are done (or the timeout passed)."""
+    while not pipeline.draining:
+        await asyncio.sleep(0.05)
+    deadline = time.monotonic() + timeout
+    while pipeline.waiting and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    if launcher is not None:
+        launcher.send("drained", unfinished=len(pipeline.waiting))
+
+
+class _Server(uvicorn.Server):
+    # NOTE: the launcher owns signals and the order of shutdown; uvicorn must not act on its own.
+    def capture_signals(self):  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+async def _serve(server: _Server, launcher: LauncherChannel) -> None:
+    serving = asyncio.ensure_future(server.serve())
+    while not server.started:
+        if serving.done():
+            serving.result()  # raises what stopped uvicorn
+            raise RuntimeError(f"uvicorn could not start on {server.config.host}:{server.config.port}")
+        await asyncio.sleep(0.01)
+    launcher.ready()
+    await serving
+    raise RuntimeError("uvicorn stopped serving")
+
+
+def run_http_process(args: ServerArgs, ports: PortArgs, conn: Connection) -> None:
+    with child_process("http", args.log_level, conn) as launcher:
+        app = build_app(args, ports, launcher)
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            loop="uvloop",
+            http="httptools",
+            log_config=uvicorn_log_config(args.log_level),
+            timeout_keep_alive=30,
+        )
+        import uvloop
+
+        uvloop.run(_serve(_Server(config), launcher))

@@ -1,0 +1,97 @@
+"""Where the processes meet: ZMQ socket addresses and shared-memory ring files, named in one place.
+
+Every ZMQ endpoint is an `ipc://` socket inside a private (0700) directory, so only this user's
+processes can connect; nothing listens on TCP but the HTTP server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "embedserve-"
+
+
+@dataclass(frozen=True)
+class PortArgs:
+    ipc_dir: str  # private directory holding every socket file
+    tokenizer_addr: str  # http -> tokenizer
+    scheduler_addr: str  # tokenizer, executor -> scheduler
+    executor_addr: str  # scheduler -> executor
+    detokenizer_addr: str  # executor -> detokenizer
+    http_addr: str  # tokenizer, detokenizer, launcher -> http
+    token_ring: str  # file of the ring carrying token ids (tokenizer -> scheduler/executor)
+    embedding_ring: str  # file of the ring carrying embeddings (executor -> detokenizer)
+    response_ring: str  # file of the ring carrying encoded response bodies (detokenizer -> http)
+
+    @classmethod
+    def create(cls) -> PortArgs:
+        ipc_dir = tempfile.mkdtemp(prefix="embedserve-ipc-")
+        os.chmod(ipc_dir, 0o700)
+        shm_base = _shm_base(ipc_dir)
+
+        def sock(name: str) -> str:
+            return f"ipc://{os.path.join(ipc_dir, name)}"
+
+        return cls(
+            ipc_dir=ipc_dir,
+            tokenizer_addr=sock("tokenizer"),
+            scheduler_addr=sock("scheduler"),
+            executor_addr=sock("executor"),
+            detokenizer_addr=sock("detokenizer"),
+            http_addr=sock("http"),
+            token_ring=f"{shm_base}tokens",
+            embedding_ring=f"{shm_base}embeddings",
+            response_ring=f"{shm_base}responses",
+        )
+
+    @property
+    def ring_paths(self) -> tuple[str, ...]:
+        return (self.token_ring, self.embedding_ring, self.response_ring)
+
+    def remove_all(self) -> None:
+        """Delete every ring file and the socket directory; safe to call twice."""
+        for path in self.ring_paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+
+def _shm_base(ipc_dir: str) -> str:
+    """Ring files go to /dev/shm (RAM) when it exists, named after the launcher's pid for stale-file cleanup."""
+    tag = os.path.basename(ipc_dir).removeprefix("embedserve-ipc-")
+    folder = SHM_DIR if os.path.isdir(SHM_DIR) else ipc_dir
+    return os.path.join(folder, f"{SHM_PREFIX}{os.getpid()}-{tag}-")
+
+
+def remove_stale_rings() -> list[str]:
+    """Remove ring files left by launchers that no longer run (e.g. a launcher killed with -9)."""
+    removed = []
+    if not os.path.isdir(SHM_DIR):
+        return removed
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(SHM_PREFIX):
+            continue
+        pid_text = name[len(SHM_PREFIX) :].split("-", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

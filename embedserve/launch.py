@@ -1,0 +1,87 @@
+"""`embedserve launch` / `python -m embedserve.launch`: start the five processes and watch over them.
+
+Start-up: check the model and the port, create the shared-memory rings, start the executor,
+tokenizer, scheduler and output processes and wait for each to report ready, then the HTTP
+process; send one request through the whole pipeline; log the ready line.
+Shutdown (SIGINT/SIGTERM): HTTP drains in-flight requests, every child is stopped, the rings and
+socket directory are removed. A child that dies takes the server down with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import sys
+from collections.abc import Sequence
+
+from embedserve.detok_proc.process import run_detokenizer_process
+from embedserve.gpu_proc.process import run_executor_process
+from embedserve.http.server import run_http_process
+from embedserve.ipc.ports import PortArgs, remove_stale_rings
+from embedserve.launch_support import ChildFailed, Supervisor, check_port_free, create_rings, warm_up
+from embedserve.log import configure_logging
+from embedserve.model_config import ModelConfigError, load_model_config
+from embedserve.scheduler_proc.process import run_scheduler_process
+from embedserve.server_args import ServerArgs, make_parser
+from embedserve.tokenizer_proc.process import run_tokenizer_process
+
+logger = logging.getLogger("embedserve")
+
+# Started together and awaited together; HTTP starts last so it never serves a half-built pipeline.
+BACKEND_PROCESSES = (
+    ("executor", run_executor_process),
+    ("tokenizer", run_tokenizer_process),
+    ("scheduler", run_scheduler_process),
+    ("detokenizer", run_detokenizer_process),
+)
+
+
+def launch_server(args: ServerArgs) -> int:
+    """Run a server until it is told to stop; the process exit code."""
+    configure_logging(args.log_level)
+    args = args.with_device_resolved()
+    logger.info(f"server_args={args!r}")
+    try:
+        model = load_model_config(args.model_path, args.context_length)
+        check_port_free(args.host, args.port)
+    except (ModelConfigError, OSError) as exc:
+        logger.error(f"Cannot start: {exc}")
+        return 2
+    remove_stale_rings()
+    ports = PortArgs.create()
+    rings = create_rings(ports, model, args)
+    supervisor = Supervisor(args, ports, mp.get_context("spawn"))
+    try:
+        supervisor.install_signal_handlers()
+        for name, target in BACKEND_PROCESSES:
+            supervisor.start(name, target)
+        supervisor.wait_ready([name for name, _ in BACKEND_PROCESSES])
+        supervisor.start("http", run_http_process)
+        supervisor.wait_ready(["http"])
+        warm_up(args)
+        supervisor.announce_ready()
+        logger.info("The server is fired up and ready to roll!")
+        return supervisor.supervise()
+    except ChildFailed as exc:
+        logger.error(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 0 if supervisor.stop_signal else 1
+    finally:
+        supervisor.stop_all()
+        for ring in rings:
+            ring.close()
+            ring.unlink()
+        ports.remove_all()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = ServerArgs.from_cli_args(make_parser().parse_args(argv))
+    # NOTE: children must not inherit a half-initialised torch or a running event loop: spawn, never fork.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return launch_server(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Every message that crosses a process boundary, grouped by the process that receives it.
+
+Messages are msgspec structs encoded as msgpack: typed, compact, and never unpickled. Bulk data
+(token ids, embeddings, encoded response bodies) does not travel here: a message carries a
+`RingRef` into a shared-memory ring and the receiver reads the bytes from there.
+
+Pipeline:  http -> tokenizer -> scheduler -> executor -> detokenizer -> http
+Side paths: tokenizer -> http (input errors), executor -> scheduler (batch done),
+            launcher -> http (server state).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True, tag_field="kind"):
+    """Base of every wire message: positional encoding, a type tag for unions, no GC tracking."""
+
+
+class RingRef(msgspec.Struct, array_like=True, gc=False):
+    offset: int  # handle returned by ShmRing.write: where the block lives in the ring
+    nbytes: int  # payload size; the receiver checks it against the ring's own header
+
+
+class RequestMeta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """What the output process needs to build a response; travels with the request's first batch."""
+
+    rid: str
+    api: Literal["openai", "encode"]  # which response shape to build
+    model: str  # model name echoed back in OpenAI responses
+    lengths: list[int]  # prompt tokens of each input, in input order
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # keep the first N components, then re-normalise
+    single: bool = False  # /encode with one input answers an object, not a list
+    arrival_time: float = 0.0  # time.time() when HTTP accepted the request
+
+
+# ---- to the tokenizer (from http) ------------------------------------------------------------
+class EmbedRequest(_Msg):
+    meta: RequestMeta  # lengths left empty: the tokenizer fills them
+    texts: list[str] | None = None  # text inputs, or
+    token_ids: bytes | None = None  # pre-tokenized inputs, int32 little-endian, concatenated
+    token_lengths: list[int] | None = None  # split points of token_ids, one length per input
+
+
+class AbortRequest(_Msg):
+    rid: str  # the client went away: drop the request wherever it is
+
+
+# ---- to the scheduler (from tokenizer, executor) -----------------------------------------------
+class TokenizedRequest(_Msg):
+    meta: RequestMeta  # lengths filled in
+    tokens: RingRef  # int32 token ids of every input, concatenated in input order
+
+
+class BatchDone(_Msg):
+    batch_id: int
+    forward_seconds: float  # time spent in the model forward, for the batch log and metrics
+
+
+# ---- to the executor (from scheduler) -----------------------------------------------------------
+class SeqRef(msgspec.Struct, array_like=True, gc=False):
+    rid: str
+    index: int  # position of this input within its request
+    tokens: RingRef  # the request's whole token block (ring handles name blocks, not slices)
+    start: int  # first token of this input within the block, in tokens
+    length: int  # tokens of this input
+
+
+class ForwardBatch(_Msg):
+    batch_id: int
+    seqs: list[SeqRef]
+    new_requests: list[RequestMeta] = []  # metas the output process has not seen yet
+    dropped: list[str] = []  # rids the output process must forget (aborted requests)
+
+
+class DropRequests(_Msg):
+    rids: list[str]  # forwarded to the output process in order with the batches
+
+
+# ---- to the detokenizer / output process (from executor) ---------------------------------------
+class BatchEmbeddings(_Msg):
+    batch_id: int
+    rows: list[tuple[str, int]]  # (rid, input index) of each embedding row, in row order
+    embeddings: RingRef | None  # float32 [len(rows), dim] row-major; None when the batch failed
+    dim: int
+    new_requests: list[RequestMeta] = []
+    dropped: list[str] = []
+    error: str | None = None  # the forward failed: every request in rows fails with this message
+
+
+# ---- to http (from tokenizer, detokenizer, launcher) --------------------------------------------
+class ResponseReady(_Msg):
+    rid: str
+    body: RingRef  # the encoded JSON response body
+
+
+class RequestFailed(_Msg):
+    rid: str
+    status: int  # HTTP status
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ServerState(_Msg):
+    ready: bool = False  # warm-up passed: /health answers 200
+    draining: bool = False  # stopping: refuse new work, finish what is in flight
+
+
+TokenizerInput = EmbedRequest | AbortRequest
+SchedulerInput = TokenizedRequest | AbortRequest | BatchDone
+ExecutorInput = ForwardBatch | DropRequests
+DetokenizerInput = BatchEmbeddings | DropRequests
+HttpInput = ResponseReady | RequestFailed | ServerState

@@ -1,0 +1,154 @@
+"""What every process needs to know about the model, read from its folder without importing torch.
+
+The folder is a Hugging Face checkpoint, optionally with sentence-transformers' files
+(`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`) that declare pooling,
+normalisation and the longest input the model was trained for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Families that attend bidirectionally and pool the first token unless the folder says otherwise.
+_ENCODER_ARCHITECTURES = {"BertModel", "XLMRobertaModel"}
+
+
+class ModelConfigError(ValueError):
+    """The model folder is missing, unreadable or declares something this server cannot serve."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str  # local folder holding config.json and the weights
+    architecture: str  # first entry of config.json's `architectures`
+    hf_config: dict[str, Any]
+    pooling: str  # "cls" | "mean" | "last"
+    normalize: bool  # L2-normalise the pooled vector (sentence-transformers' Normalize module)
+    context_length: int  # longest input in tokens, special tokens included
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf_config["hidden_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config["vocab_size"])
+
+    @property
+    def is_causal(self) -> bool:
+        return self.architecture not in _ENCODER_ARCHITECTURES
+
+
+def resolve_model_folder(path_or_id: str) -> str:
+    """A local folder for `path_or_id`: the folder itself, else the HF cache, else a download."""
+    if os.path.isdir(path_or_id):
+        return os.path.abspath(path_or_id)
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
+        raise ModelConfigError(f"model path {path_or_id!r} is not a folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise ModelConfigError(f"{path_or_id!r} is not a folder and huggingface_hub is missing") from exc
+    try:
+        return snapshot_download(path_or_id, local_files_only=True)
+    except Exception as cached_miss:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise ModelConfigError(
+                f"{path_or_id!r} is not a folder and not in the local Hugging Face cache "
+                "(HF_HUB_OFFLINE is set, so it was not downloaded)"
+            ) from cached_miss
+    try:
+        return snapshot_download(path_or_id)
+    except Exception as exc:
+        raise ModelConfigError(f"could not find or download model {path_or_id!r}: {exc}") from exc
+
+
+def load_model_config(model_path: str, context_length: int | None = None) -> ModelConfig:
+    folder = resolve_model_folder(model_path)
+    hf_config = _read_json(Path(folder) / "config.json", required=True)
+    architectures = hf_config.get("architectures") or []
+    if not architectures:
+        raise ModelConfigError(f"{folder}/config.json names no architecture")
+    architecture = architectures[0]
+    pooling, normalize = _read_pooling(Path(folder), architecture)
+    limit = _model_context_limit(Path(folder), hf_config, architecture)
+    if context_length is not None and context_length > _position_limit(hf_config, architecture):
+        raise ModelConfigError(
+            f"--context-length {context_length} exceeds the model's position table "
+            f"({_position_limit(hf_config, architecture)} tokens)"
+        )
+    return ModelConfig(
+        path=folder,
+        architecture=architecture,
+        hf_config=hf_config,
+        pooling=pooling,
+        normalize=normalize,
+        context_length=context_length or limit,
+    )
+
+
+def _read_json(path: Path, required: bool = False) -> dict[str, Any]:
+    if not path.is_file():
+        if required:
+            raise ModelConfigError(f"{path} not found: is this a model folder?")
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelConfigError(f"cannot read {path}: {exc}") from exc
+
+
+def _read_pooling(folder: Path, architecture: str) -> tuple[str, bool]:
+    """Pooling mode and normalisation as sentence-transformers declares them, else the family default."""
+    default = "cls" if architecture in _ENCODER_ARCHITECTURES else "last"
+    modules = _read_json(folder / "modules.json")
+    if not isinstance(modules, list):
+        return default, False
+    normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+    pooling = default
+    for module in modules:
+        if str(module.get("type", "")).endswith("Pooling"):
+            pooling = _pooling_mode(_read_json(folder / module.get("path", "1_Pooling") / "config.json"))
+    return pooling, normalize
+
+
+def _pooling_mode(config: dict[str, Any]) -> str:
+    modes = {
+        "cls": config.get("pooling_mode_cls_token", False),
+        "mean": config.get("pooling_mode_mean_tokens", False),
+        "last": config.get("pooling_mode_lasttoken", False),
+    }
+    unsupported = [
+        k
+        for k in (
+            "pooling_mode_max_tokens",
+            "pooling_mode_mean_sqrt_len_tokens",
+            "pooling_mode_weightedmean_tokens",
+        )
+        if config.get(k)
+    ]
+    chosen = [name for name, on in modes.items() if on]
+    if unsupported or len(chosen) != 1:
+        raise ModelConfigError(
+            f"unsupported pooling configuration {config}: exactly one of cls, mean or lasttoken is served"
+        )
+    return chosen[0]
+
+
+def _position_limit(hf_config: dict[str, Any], architecture: str) -> int:
+    limit = int(hf_config.get("max_position_embeddings", 512))
+    if architecture == "XLMRobertaModel":
+        # NOTE: RoBERTa positions start after padding_idx, so two table rows are never used.
+        limit -= int(hf_config.get("pad_token_id", 1)) + 1
+    return limit
+
+
+def _model_context_limit(folder: Path, hf_config: dict[str, Any], architecture: str) -> int:
+    st_config = _read_json(folder / "sentence_bert_config.json")
+    declared = st_config.get("max_seq_length")
+    limit = _position_limit(hf_config, architecture)
+    return min(int(declared), limit) if declared else limit

@@ -1,0 +1,1 @@
+"""The scheduler process: FCFS batching of sequences under token and sequence budgets."""

@@ -1,0 +1,91 @@
+"""The scheduler process: receives tokenized requests, sends batches to the executor, logs each batch."""
+
+from __future__ import annotations
+
+import logging
+from multiprocessing.connection import Connection
+
+import zmq
+
+from embedserve.ipc.child import child_process
+from embedserve.ipc.ports import PortArgs
+from embedserve.ipc.shm_ring import ShmRing
+from embedserve.ipc.zmq_queue import ZmqPull, ZmqPush
+from embedserve.messages import (
+    AbortRequest,
+    BatchDone,
+    DropRequests,
+    ExecutorInput,
+    RingRef,
+    SchedulerInput,
+    TokenizedRequest,
+)
+from embedserve.model_config import load_model_config
+from embedserve.scheduler_proc.scheduler import BatchStats, Scheduler
+from embedserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+def format_batch_log(stats: BatchStats) -> str:
+    """The seed's per-batch line, which users grep for."""
+    return (
+        f"Prefill batch. #new-seq: {stats.new_seqs}, #new-token: {stats.new_tokens}, "
+        f"#cached-token: {stats.cached_tokens}, token usage: {stats.token_usage:.2f}, "
+        f"#running-req: {stats.running_seqs}, #queue-req: {stats.queued_seqs}"
+    )
+
+
+class SchedulerWorker:
+    def __init__(self, args: ServerArgs, ports: PortArgs, ctx: zmq.Context):
+        self.scheduler = Scheduler(args.prefill_token_budget, args.running_request_budget)
+        self.token_ring = ShmRing.attach(ports.token_ring)
+        self.inbox: ZmqPull[SchedulerInput] = ZmqPull(ctx, ports.scheduler_addr, SchedulerInput)
+        self.to_executor: ZmqPush[ExecutorInput] = ZmqPush(ctx, ports.executor_addr)
+        self._handlers = {
+            TokenizedRequest: self._on_request,
+            AbortRequest: self._on_abort,
+            BatchDone: self._on_batch_done,
+        }
+
+    def run_forever(self) -> None:
+        while True:
+            # NOTE: block only when there is nothing to schedule; otherwise just pick up what arrived.
+            first = self.inbox.recv(timeout_ms=0 if self.scheduler.can_schedule else None)
+            for msg in ([first] if first is not None else []) + self.inbox.drain():
+                self._handlers[type(msg)](msg)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        while (formed := self.scheduler.next_batch()) is not None:
+            batch, stats = formed
+            logger.info(format_batch_log(stats))
+            self.to_executor.send(batch)
+        if drops := self.scheduler.take_drops():
+            self.to_executor.send(DropRequests(rids=drops))
+
+    def _on_request(self, msg: TokenizedRequest) -> None:
+        self.scheduler.add_request(msg)
+
+    def _on_abort(self, msg: AbortRequest) -> None:
+        self._release(self.scheduler.abort(msg.rid))
+
+    def _on_batch_done(self, msg: BatchDone) -> None:
+        self._release(self.scheduler.finish_batch(msg.batch_id))
+
+    def _release(self, blocks: list[RingRef]) -> None:
+        for ref in blocks:
+            self.token_ring.release(ref.offset)
+
+
+def run_scheduler_process(args: ServerArgs, ports: PortArgs, conn: Connection) -> None:
+    with child_process("scheduler", args.log_level, conn) as launcher:
+        worker = SchedulerWorker(args, ports, zmq.Context())
+        s = worker.scheduler
+        context_len = load_model_config(args.model_path, args.context_length).context_length
+        logger.info(
+            f"max_total_num_tokens={s.max_total_num_tokens}, max_prefill_tokens={s.max_prefill_tokens}, "
+            f"max_running_requests={s.max_running_seqs}, context_len={context_len}"
+        )
+        launcher.ready()
+        worker.run_forever()

