@@ -51,6 +51,7 @@ def launch_server(args: ServerArgs) -> int:
     remove_stale_rings()
     ports = PortArgs.create()
     rings = create_rings(ports, model, args)
+    logger.info(f"IPC sockets in {ports.ipc_dir} (mode 0700); shared memory at {ports.token_ring[:-6]}*")
     supervisor = Supervisor(args, ports, mp.get_context("spawn"))
     try:
         supervisor.install_signal_handlers()

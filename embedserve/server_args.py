@@ -41,8 +41,9 @@ class ServerArgs:
     )
     tokenizer_path: str | None = _opt(None, "Tokenizer folder or id. Default: the model path.")
     served_model_name: str | None = _opt(
-        None, "Model name that clients send and responses report. Default: the model path "
-        "(sentence-transformers/all-MiniLM-L6-v2 for the bundled model)."
+        None,
+        "Model name that clients send and responses report. Default: the model path "
+        "(sentence-transformers/all-MiniLM-L6-v2 for the bundled model).",
     )
     is_embedding: bool = _opt(True, "Accepted for SGLang compatibility: this server only serves embeddings.")
     dtype: str = _opt(

@@ -1,0 +1,222 @@
+"""The launched server, driven the way the seed's users drive it: OpenAI SDK, curl, requests, /encode."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import requests
+from launched_server import LaunchedServer
+from texts import mixed_texts
+
+pytestmark = pytest.mark.slow
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+TEXT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LaunchedServer() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def reference(bundled_model_path):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(bundled_model_path), device="cpu")
+    return lambda texts: st.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def cosine(a, b) -> np.ndarray:
+    a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_openai_sdk_default_base64_and_explicit_float(server, reference):
+    import openai
+
+    client = openai.Client(base_url=f"{server.url}/v1", api_key="None")
+    default = client.embeddings.create(model=MODEL, input=TEXT)  # the SDK asks for base64 here
+    floats = client.embeddings.create(model=MODEL, input=TEXT, encoding_format="float")
+    expected = reference([TEXT])[0]
+    assert len(default.data[0].embedding) == 384
+    assert cosine(default.data[0].embedding, expected)[0] >= 0.99999
+    assert cosine(floats.data[0].embedding, expected)[0] >= 0.99999
+    assert default.usage.prompt_tokens == floats.usage.total_tokens == 6
+    assert default.model == MODEL
+
+
+def test_base64_is_little_endian_float32(server):
+    body = server.post("/v1/embeddings", {"model": MODEL, "input": TEXT, "encoding_format": "base64"}).json()
+    as_float = server.post("/v1/embeddings", {"model": MODEL, "input": TEXT}).json()
+    decoded = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(decoded, as_float["data"][0]["embedding"], rtol=1e-6)
+
+
+def test_curl_exactly_as_the_seed_sends_it(server, reference):
+    # NOTE: no Content-Type header: curl -d sends application/x-www-form-urlencoded.
+    cmd = f"""curl -s {server.url}/v1/embeddings -d '{{"model": "{MODEL}", "input": "{TEXT}"}}'"""
+    embedding = json.loads(subprocess.check_output(cmd, shell=True))["data"][0]["embedding"]
+    assert cosine(embedding, reference([TEXT])[0])[0] >= 0.99999
+
+
+def test_requests_response_shape(server):
+    response = requests.post(f"{server.url}/v1/embeddings", json={"model": MODEL, "input": ["a", "b c"]})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"object", "data", "model", "usage"}
+    assert body["object"] == "list"
+    assert [d["index"] for d in body["data"]] == [0, 1]
+    assert all(
+        set(d) == {"object", "index", "embedding"} and d["object"] == "embedding" for d in body["data"]
+    )
+    assert body["usage"] == {"prompt_tokens": 3 + 4, "total_tokens": 3 + 4}
+
+
+def test_token_ids_give_the_texts_embedding(server, bundled_model_path):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(bundled_model_path)).encode(TEXT)
+    by_text = server.post("/v1/embeddings", {"model": MODEL, "input": TEXT}).json()["data"][0]["embedding"]
+    by_ids = server.post("/v1/embeddings", {"model": MODEL, "input": ids}).json()["data"][0]["embedding"]
+    nested = server.post("/v1/embeddings", {"model": MODEL, "input": [ids, ids]}).json()["data"]
+    assert cosine(by_ids, by_text)[0] >= 0.999999
+    assert len(nested) == 2 and cosine(nested[1]["embedding"], by_text)[0] >= 0.999999
+
+
+def test_encode_native_single_and_many(server):
+    single = server.post("/encode", {"text": TEXT}).json()
+    assert len(single["embedding"]) == 384
+    assert single["meta_info"]["prompt_tokens"] == 6 and single["meta_info"]["cached_tokens"] == 0
+    many = server.post("/encode", {"text": [TEXT, "hello"]}).json()
+    assert isinstance(many, list) and len(many) == 2
+    assert np.allclose(many[0]["embedding"], single["embedding"], atol=1e-6)
+    ids = server.post("/encode", {"input_ids": [101, 2045, 102]}).json()
+    assert ids["meta_info"]["prompt_tokens"] == 3
+
+
+def test_dimensions_keep_first_n_and_renormalise(server):
+    full = np.array(server.post("/v1/embeddings", {"input": TEXT}).json()["data"][0]["embedding"])
+    cut = np.array(
+        server.post("/v1/embeddings", {"input": TEXT, "dimensions": 64}).json()["data"][0]["embedding"]
+    )
+    assert cut.shape == (64,)
+    assert abs(np.linalg.norm(cut) - 1) < 1e-5
+    np.testing.assert_allclose(cut, full[:64] / np.linalg.norm(full[:64]), atol=1e-6)
+
+
+def test_parity_with_sentence_transformers_batched_and_single(server, reference):
+    texts = mixed_texts(60, seed=7)
+    expected = reference(texts)
+    batched = server.post("/v1/embeddings", {"model": MODEL, "input": texts}).json()["data"]
+    assert [d["index"] for d in batched] == list(range(60))
+    assert cosine([d["embedding"] for d in batched], expected).min() >= 0.99999
+    singles = [server.post("/v1/embeddings", {"input": t}).json()["data"][0]["embedding"] for t in texts]
+    assert cosine(singles, expected).min() >= 0.99999
+
+
+def test_concurrent_requests_share_batches(server):
+    before = server.log().count("Prefill batch.")
+    results: list[int] = []
+
+    def one(i: int) -> None:
+        results.append(server.post("/v1/embeddings", {"input": f"request number {i} " * 20}).status_code)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batches = server.log().count("Prefill batch.") - before
+    assert results == [200] * 32
+    assert batches < 32, f"32 concurrent requests ran in {batches} batches"
+
+
+def test_info_endpoints(server):
+    models = requests.get(f"{server.url}/v1/models").json()
+    assert models["data"][0]["id"] == MODEL
+    info = requests.get(f"{server.url}/get_model_info").json()
+    assert info["is_generation"] is False and info["embedding_size"] == 384
+    assert info["context_length"] == 256 and info["pooling"] == "mean" and info["normalize"] is True
+    assert "model_path" in info and "tokenizer_path" in info
+    server_info = requests.get(f"{server.url}/get_server_info").json()
+    assert server_info["port"] == server.port
+    assert requests.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "param"),
+    [
+        ({"input": ""}, 400, "input"),
+        ({"input": []}, 400, "input"),
+        ({"input": ["ok", ""]}, 400, "input"),
+        ({"input": None}, 400, "input"),
+        ({"input": ["text", 5]}, 400, "input"),
+        ({"input": [1, -2]}, 400, "input"),
+        ({"input": [[1, 2], [10**9]]}, 400, "input"),
+        ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"input": "x", "dimensions": 0}, 400, "dimensions"),
+        ({"input": "x", "dimensions": 385}, 400, "dimensions"),
+        ({"input": "x", "model": "no-such-model"}, 404, "model"),
+        ({"input": ["x"] * 2049}, 400, "input"),
+        ({"input": "word " * 300}, 400, "input"),
+    ],
+)
+def test_bad_input_gets_openai_error(server, payload, status, param):
+    response = server.post("/v1/embeddings", payload)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["message"]
+    assert requests.get(f"{server.url}/health").status_code == 200
+
+
+def test_too_long_names_the_limit_and_index(server):
+    error = server.post("/v1/embeddings", {"input": ["short", "word " * 300]}).json()["error"]
+    assert "256" in error["message"] and "Input 1" in error["message"]
+
+
+def test_malformed_json_and_unknown_route(server):
+    bad = requests.post(f"{server.url}/v1/embeddings", data=b"{not json", timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    missing = requests.get(f"{server.url}/nope", timeout=10)
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_readme_examples_work_as_printed(server):
+    """Every curl and Python example in the README, only the port changed."""
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    blocks = re.findall(r"```(bash|python)\n(.*?)```", readme.read_text(), flags=re.S)
+    ran = 0
+    for lang, code in blocks:
+        code = code.replace("30000", str(server.port))
+        if lang == "bash" and code.lstrip().startswith("curl"):
+            body = json.loads(subprocess.check_output(code, shell=True, timeout=60))
+            assert "data" in body or isinstance(body, list), body
+            ran += 1
+        elif lang == "python":
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True)
+            ran += 1
+    assert ran >= 5
+
+
+def test_readme_options_table_lists_every_option():
+    import dataclasses
+    from pathlib import Path
+
+    from embedserve.server_args import ServerArgs
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for f in dataclasses.fields(ServerArgs):
+        assert f"| `--{f.name.replace('_', '-')}` |" in readme, f.name

@@ -1,0 +1,44 @@
+"""One frozen dataclass generates the command line; --help explains every option."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from embedserve.server_args import BUNDLED_MODEL_NAME, ServerArgs, make_parser
+
+
+def test_every_field_is_an_option_and_parses():
+    args = ServerArgs.from_cli_args(
+        make_parser().parse_args(
+            ["--port", "1234", "--dtype", "bfloat16", "--allow-auto-truncate", "--max-prefill-tokens", "64"]
+        )
+    )
+    assert (args.port, args.dtype, args.allow_auto_truncate, args.prefill_token_budget) == (
+        1234,
+        "bfloat16",
+        True,
+        64,
+    )
+    assert args.host == "127.0.0.1" and args.model_name == BUNDLED_MODEL_NAME
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.port = 1  # type: ignore[misc]
+
+
+def test_cpu_and_cuda_budgets_differ_by_default():
+    assert ServerArgs(device="cpu").prefill_token_budget == 4096
+    assert ServerArgs(device="cuda").prefill_token_budget == 16384
+
+
+def test_help_names_every_option():
+    out = subprocess.run(
+        [sys.executable, "-m", "embedserve.cli", "launch", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for f in dataclasses.fields(ServerArgs):
+        assert "--" + f.name.replace("_", "-") in out
