@@ -59,6 +59,7 @@ class TokenizedRequest(_Msg):
 class BatchDone(_Msg):
     batch_id: int
     forward_seconds: float  # time spent in the model forward, for the batch log and metrics
+    failed_rids: list[str] = []  # the forward failed: these requests already got a 500, drop the rest of them
 
 
 # ---- to the executor (from scheduler) -----------------------------------------------------------

@@ -11,7 +11,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from embedserve.server_args import ServerArgs
 
 # Families that attend bidirectionally and pool the first token unless the folder says otherwise.
 _ENCODER_ARCHITECTURES = {"BertModel", "XLMRobertaModel"}
@@ -67,14 +70,24 @@ def resolve_model_folder(path_or_id: str) -> str:
         raise ModelConfigError(f"could not find or download model {path_or_id!r}: {exc}") from exc
 
 
-def load_model_config(model_path: str, context_length: int | None = None) -> ModelConfig:
+def model_config_from_args(args: ServerArgs) -> ModelConfig:
+    """The model as the server's flags shape it (context length, pooling, config overrides)."""
+    return load_model_config(
+        args.model_path, args.context_length, args.pooling, args.json_model_override_args
+    )
+
+
+def load_model_config(
+    model_path: str, context_length: int | None = None, pooling: str | None = None, overrides: str = "{}"
+) -> ModelConfig:
     folder = resolve_model_folder(model_path)
-    hf_config = _read_json(Path(folder) / "config.json", required=True)
+    hf_config = {**_read_json(Path(folder) / "config.json", required=True), **_parse_overrides(overrides)}
     architectures = hf_config.get("architectures") or []
     if not architectures:
         raise ModelConfigError(f"{folder}/config.json names no architecture")
     architecture = architectures[0]
-    pooling, normalize = _read_pooling(Path(folder), architecture)
+    declared_pooling, normalize = _read_pooling(Path(folder), architecture)
+    pooling = pooling or declared_pooling
     limit = _model_context_limit(Path(folder), hf_config, architecture)
     if context_length is not None and context_length > _position_limit(hf_config, architecture):
         raise ModelConfigError(
@@ -89,6 +102,16 @@ def load_model_config(model_path: str, context_length: int | None = None) -> Mod
         normalize=normalize,
         context_length=context_length or limit,
     )
+
+
+def _parse_overrides(text: str) -> dict[str, Any]:
+    try:
+        overrides = json.loads(text or "{}")
+    except ValueError as exc:
+        raise ModelConfigError(f"--json-model-override-args is not valid JSON: {exc}") from exc
+    if not isinstance(overrides, dict):
+        raise ModelConfigError("--json-model-override-args must be a JSON object")
+    return overrides
 
 
 def _read_json(path: Path, required: bool = False) -> dict[str, Any]:

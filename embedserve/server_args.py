@@ -60,6 +60,15 @@ class ServerArgs:
         "Longest input in tokens. Default: max_seq_length of the model's sentence-transformers "
         "config, else its max_position_embeddings.",
     )
+    pooling: str | None = _opt(
+        None,
+        "Pooling of the last hidden states. Default: what the model folder declares (sentence-transformers' "
+        "1_Pooling), else last token for decoders and CLS for BERT/XLM-R.",
+        choices=["cls", "mean", "last"],
+    )
+    json_model_override_args: str = _opt(
+        "{}", "JSON object of config.json fields to override, e.g. '{\"max_position_embeddings\": 8192}'."
+    )
     allow_auto_truncate: bool = _opt(
         False, "Truncate inputs longer than the context length instead of answering 400."
     )
@@ -75,6 +84,21 @@ class ServerArgs:
     )
     max_running_requests: int | None = _opt(
         None, "Most sequences (inputs) in one forward batch. Default: 256."
+    )
+
+    # Admission control and limits
+    max_queued_requests: int = _opt(
+        2048, "Most requests accepted but not yet answered; past it new requests get 429 at once."
+    )
+    max_queued_tokens: int = _opt(
+        1_048_576,
+        "Most tokens waiting for the model; past it new requests get 429 (an idle server "
+        "still takes one request of any size up to --max-request-tokens).",
+    )
+    max_request_tokens: int = _opt(300_000, "Most tokens in one request, all inputs together (400 past it).")
+    max_request_bytes: int = _opt(64 * 1024 * 1024, "Largest request body in bytes (413 past it).")
+    request_timeout: float | None = _opt(
+        None, "Seconds a request may take before it is aborted with 504. Default: no limit."
     )
 
     # Runtime

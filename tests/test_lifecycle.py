@@ -41,7 +41,7 @@ def test_signal_stops_every_process_and_removes_segments(sig):
     assert_all_gone(server, ipc_dir)
 
 
-@pytest.mark.parametrize("victim", ["executor", "tokenizer"])
+@pytest.mark.parametrize("victim", TITLES)
 def test_killed_child_takes_the_server_down(victim):
     server = LaunchedServer()
     ipc_dir = server.ipc_dir

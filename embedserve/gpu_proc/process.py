@@ -8,6 +8,7 @@ with the same message, so the output process sees metas, rows and drops in sched
 from __future__ import annotations
 
 import logging
+import os
 import time
 from multiprocessing.connection import Connection
 
@@ -28,7 +29,7 @@ from embedserve.messages import (
     RingRef,
     SchedulerInput,
 )
-from embedserve.model_config import load_model_config
+from embedserve.model_config import model_config_from_args
 from embedserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class ExecutorWorker:
     def __init__(self, args: ServerArgs, ports: PortArgs, ctx: zmq.Context):
         from embedserve.gpu_proc.model_runner import ModelRunner
 
-        config = load_model_config(args.model_path, args.context_length)
+        config = model_config_from_args(args)
         self.runner = ModelRunner(
             config, device=args.device, dtype=args.dtype, num_threads=args.executor_threads
         )
@@ -48,6 +49,10 @@ class ExecutorWorker:
         self.to_scheduler: ZmqPush[SchedulerInput] = ZmqPush(ctx, ports.scheduler_addr)
         self.to_output: ZmqPush[DetokenizerInput] = ZmqPush(ctx, ports.detokenizer_addr)
         self._handlers = {ForwardBatch: self.run_batch, DropRequests: self.to_output.send}
+        # NOTE: a fault-injection hook for the tests of "a crash in the forward fails only its batch";
+        # unset in production, where nothing else reads it.
+        fail_token = os.environ.get("EMBEDSERVE_TEST_FAIL_TOKEN_ID")
+        self._fail_token = int(fail_token) if fail_token else None
 
     def run_forever(self) -> None:
         while True:
@@ -66,15 +71,21 @@ class ExecutorWorker:
         )
         started = time.perf_counter()
         try:
-            embeddings = self.runner.embed(self._gather_tokens(batch), [s.length for s in batch.seqs])
+            tokens = self._gather_tokens(batch)
+            if self._fail_token is not None and (tokens == self._fail_token).any():
+                raise RuntimeError(f"injected fault on token {self._fail_token}")
+            embeddings = self.runner.embed(tokens, [s.length for s in batch.seqs])
             out.embeddings = self._publish(embeddings)
         except Exception as exc:
             logger.exception("Forward of batch %d failed", batch.batch_id)
             out.error = f"The model failed on this batch: {type(exc).__name__}: {exc}"
         # NOTE: the output message goes first: once the scheduler hears "done" it may free the tokens.
         self.to_output.send(out)
+        failed = sorted({s.rid for s in batch.seqs}) if out.error else []
         self.to_scheduler.send(
-            BatchDone(batch_id=batch.batch_id, forward_seconds=time.perf_counter() - started)
+            BatchDone(
+                batch_id=batch.batch_id, forward_seconds=time.perf_counter() - started, failed_rids=failed
+            )
         )
 
     def _gather_tokens(self, batch: ForwardBatch) -> np.ndarray:

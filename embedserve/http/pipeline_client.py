@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import zmq.asyncio
 
@@ -30,8 +30,13 @@ class ClientGone(Exception):
     """The client disconnected before its response was ready; the request was aborted."""
 
 
+RETRY_AFTER = {"Retry-After": "1"}
+
+
 class PipelineClient:
-    def __init__(self, ports: PortArgs):
+    def __init__(self, ports: PortArgs, max_queued_requests: int, request_timeout: float | None):
+        self.max_queued_requests = max_queued_requests
+        self.request_timeout = request_timeout
         self._ctx = zmq.asyncio.Context()
         self._ports = ports
         self.response_ring = ShmRing.attach(ports.response_ring)
@@ -68,26 +73,48 @@ class PipelineClient:
     def _on_failure(self, msg: RequestFailed) -> None:
         future = self.waiting.pop(msg.rid, None)
         if future is not None and not future.done():
-            future.set_exception(ApiError(msg.status, msg.message, msg.type, msg.param, msg.code))
+            headers = RETRY_AFTER if msg.status == 429 else None
+            future.set_exception(ApiError(msg.status, msg.message, msg.type, msg.param, msg.code, headers))
 
     def _on_state(self, msg: ServerState) -> None:
         self.ready, self.draining = msg.ready, msg.draining
 
-    async def embed(self, request: EmbedRequest, client_gone: Awaitable[None]) -> bytes:
-        """Submit `request`; its encoded body, or ClientGone once `client_gone` completes first."""
+    async def embed(self, request: EmbedRequest, client_gone: Callable[[], Awaitable[None]]) -> bytes:
+        """Submit `request`; its encoded body, or ClientGone if `client_gone()` completes first."""
         if self.draining:
             raise ApiError(503, "The server is shutting down and accepts no new requests.")
+        if len(self.waiting) >= self.max_queued_requests:
+            raise ApiError(
+                429,
+                f"The server is at capacity: {len(self.waiting)} requests are in progress "
+                f"(--max-queued-requests). Retry shortly.",
+                "rate_limit_error",
+                None,
+                "queue_full",
+                RETRY_AFTER,
+            )
         rid = request.meta.rid
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.waiting[rid] = future
-        watcher = asyncio.ensure_future(client_gone)
+        watcher = asyncio.ensure_future(client_gone())
         try:
             await self.to_tokenizer.send(request)
-            done, _ = await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {future, watcher}, timeout=self.request_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             if future in done:
                 return future.result()
             await self.abort(rid)
-            raise ClientGone(rid)
+            if watcher in done:
+                raise ClientGone(rid)
+            raise ApiError(
+                504,
+                f"The request did not finish within {self.request_timeout} s "
+                "(--request-timeout) and was aborted.",
+                "timeout_error",
+                None,
+                "request_timeout",
+            )
         except asyncio.CancelledError:
             await asyncio.shield(self.abort(rid))
             raise

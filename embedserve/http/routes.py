@@ -74,7 +74,7 @@ async def health(request: Request) -> Response:
 @protected.post("/v1/embeddings", openapi_extra=body_spec(EMBEDDINGS_REQUEST))
 async def embeddings(request: Request) -> Response:
     state = state_of(request)
-    data = v.parse_json_object(await request.body())
+    data = v.parse_json_object(await _read_body(request))
     model = v.check_model(data, state.limits)
     encoding_format = v.check_encoding_format(data)
     dimensions = v.check_dimensions(data, state.limits)
@@ -95,7 +95,7 @@ async def embeddings(request: Request) -> Response:
 @protected.post("/encode", openapi_extra=body_spec(ENCODE_REQUEST))
 async def encode(request: Request) -> Response:
     state = state_of(request)
-    data = v.parse_json_object(await request.body())
+    data = v.parse_json_object(await _read_body(request))
     has_text, has_ids = data.get("text") is not None, data.get("input_ids") is not None
     if has_text == has_ids:
         raise invalid("Send exactly one of 'text' or 'input_ids'.", param="text")
@@ -114,12 +114,37 @@ async def encode(request: Request) -> Response:
     return await _run(request, meta, inputs)
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it passes --max-request-bytes (never buffered whole first)."""
+    limit = state_of(request).args.max_request_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"The request body ({size} bytes or more) exceeds the limit of {limit} bytes (--max-request-bytes).",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
+
+
 async def _run(request: Request, meta: RequestMeta, inputs: v.ParsedInputs) -> Response:
     msg = EmbedRequest(
         meta=meta, texts=inputs.texts, token_ids=inputs.token_ids, token_lengths=inputs.token_lengths
     )
     try:
-        body = await state_of(request).pipeline.embed(msg, _disconnected(request))
+        body = await state_of(request).pipeline.embed(msg, lambda: _disconnected(request))
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return Response(body, media_type="application/json")

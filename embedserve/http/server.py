@@ -18,12 +18,12 @@ from embedserve.http.validation import Limits
 from embedserve.ipc.child import LauncherChannel, child_process
 from embedserve.ipc.ports import PortArgs
 from embedserve.log import uvicorn_log_config
-from embedserve.model_config import load_model_config
+from embedserve.model_config import model_config_from_args
 from embedserve.server_args import ServerArgs
 
 
 def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | None = None) -> FastAPI:
-    model = load_model_config(args.model_path, args.context_length)
+    model = model_config_from_args(args)
     limits = Limits(
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,
@@ -33,7 +33,7 @@ def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pipeline = PipelineClient(ports)
+        pipeline = PipelineClient(ports, args.max_queued_requests, args.request_timeout)
         pipeline.start()
         app.state.embedserve = routes.AppState(args, model, limits, pipeline, time.time())
         watcher = asyncio.ensure_future(_report_when_drained(pipeline, args.shutdown_timeout, launcher))

@@ -16,11 +16,12 @@ from embedserve.messages import (
     BatchDone,
     DropRequests,
     ExecutorInput,
+    RequestFailed,
     RingRef,
     SchedulerInput,
     TokenizedRequest,
 )
-from embedserve.model_config import load_model_config
+from embedserve.model_config import model_config_from_args
 from embedserve.scheduler_proc.scheduler import BatchStats, Scheduler
 from embedserve.server_args import ServerArgs
 
@@ -38,10 +39,13 @@ def format_batch_log(stats: BatchStats) -> str:
 
 class SchedulerWorker:
     def __init__(self, args: ServerArgs, ports: PortArgs, ctx: zmq.Context):
-        self.scheduler = Scheduler(args.prefill_token_budget, args.running_request_budget)
+        self.scheduler = Scheduler(
+            args.prefill_token_budget, args.running_request_budget, max_queued_tokens=args.max_queued_tokens
+        )
         self.token_ring = ShmRing.attach(ports.token_ring)
         self.inbox: ZmqPull[SchedulerInput] = ZmqPull(ctx, ports.scheduler_addr, SchedulerInput)
         self.to_executor: ZmqPush[ExecutorInput] = ZmqPush(ctx, ports.executor_addr)
+        self.to_http: ZmqPush[RequestFailed] = ZmqPush(ctx, ports.http_addr)
         self._handlers = {
             TokenizedRequest: self._on_request,
             AbortRequest: self._on_abort,
@@ -65,6 +69,20 @@ class SchedulerWorker:
             self.to_executor.send(DropRequests(rids=drops))
 
     def _on_request(self, msg: TokenizedRequest) -> None:
+        tokens = sum(msg.meta.lengths)
+        if not self.scheduler.admits(tokens):
+            self._release([msg.tokens])
+            self.to_http.send(
+                RequestFailed(
+                    rid=msg.meta.rid,
+                    status=429,
+                    type="rate_limit_error",
+                    code="queue_full",
+                    message=f"The server is at capacity: {self.scheduler.queue.waiting_tokens} tokens are waiting "
+                    f"(--max-queued-tokens {self.scheduler.max_queued_tokens}). Retry shortly.",
+                )
+            )
+            return
         self.scheduler.add_request(msg)
 
     def _on_abort(self, msg: AbortRequest) -> None:
@@ -72,6 +90,8 @@ class SchedulerWorker:
 
     def _on_batch_done(self, msg: BatchDone) -> None:
         self._release(self.scheduler.finish_batch(msg.batch_id))
+        for rid in msg.failed_rids:  # already answered with a 500: computing the rest would be waste
+            self._release(self.scheduler.abort(rid))
 
     def _release(self, blocks: list[RingRef]) -> None:
         for ref in blocks:
@@ -82,7 +102,7 @@ def run_scheduler_process(args: ServerArgs, ports: PortArgs, conn: Connection) -
     with child_process("scheduler", args.log_level, conn) as launcher:
         worker = SchedulerWorker(args, ports, zmq.Context())
         s = worker.scheduler
-        context_len = load_model_config(args.model_path, args.context_length).context_length
+        context_len = model_config_from_args(args).context_length
         logger.info(
             f"max_total_num_tokens={s.max_total_num_tokens}, max_prefill_tokens={s.max_prefill_tokens}, "
             f"max_running_requests={s.max_running_seqs}, context_len={context_len}"

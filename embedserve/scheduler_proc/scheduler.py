@@ -48,6 +48,7 @@ class Scheduler:
     max_prefill_tokens: int
     max_running_seqs: int
     max_batches_in_flight: int = 2
+    max_queued_tokens: int | None = None  # admission limit on waiting tokens; None = unbounded
     queue: FcfsQueue = field(default_factory=FcfsQueue)
     _requests: dict[str, _RequestState] = field(default_factory=dict)
     _in_flight: dict[int, _InFlight] = field(default_factory=dict)
@@ -74,6 +75,12 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return not self._requests and not self._in_flight
+
+    def admits(self, tokens: int) -> bool:
+        """Whether a request of `tokens` fits under the waiting-token limit (an empty queue takes anything)."""
+        if self.max_queued_tokens is None or not len(self.queue):
+            return True
+        return self.queue.waiting_tokens + tokens <= self.max_queued_tokens
 
     def add_request(self, req: TokenizedRequest) -> None:
         lengths = req.meta.lengths

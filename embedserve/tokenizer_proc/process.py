@@ -26,7 +26,7 @@ from embedserve.messages import (
     TokenizedRequest,
     TokenizerInput,
 )
-from embedserve.model_config import load_model_config
+from embedserve.model_config import model_config_from_args
 from embedserve.server_args import ServerArgs
 from embedserve.tokenizer_proc.text_tokenizer import TextTokenizer
 
@@ -43,8 +43,9 @@ class InputTooLong(Exception):
 
 class TokenizerWorker:
     def __init__(self, args: ServerArgs, ports: PortArgs, ctx: zmq.Context):
-        self.context_length = load_model_config(args.model_path, args.context_length).context_length
+        self.context_length = model_config_from_args(args).context_length
         self.truncate = args.allow_auto_truncate
+        self.max_request_tokens = args.max_request_tokens
         self.tokenizer = TextTokenizer(args.resolved_tokenizer_path)
         self.ring = ShmRing.attach(ports.token_ring)
         self.inbox: ZmqPull[TokenizerInput] = ZmqPull(ctx, ports.tokenizer_addr, TokenizerInput)
@@ -83,6 +84,18 @@ class TokenizerWorker:
             )
             return
         block = np.concatenate(arrays).astype("<i4", copy=False) if arrays else np.empty(0, "<i4")
+        if block.size > self.max_request_tokens:
+            self.to_http.send(
+                RequestFailed(
+                    rid=rid,
+                    status=400,
+                    param="input",
+                    code="too_many_tokens",
+                    message=f"The request has {block.size} tokens in all; at most {self.max_request_tokens} are "
+                    "allowed per request (--max-request-tokens). Split it into smaller requests.",
+                )
+            )
+            return
         if block.nbytes > self.ring.max_block_bytes:
             self.to_http.send(
                 RequestFailed(

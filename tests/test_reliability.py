@@ -1,0 +1,192 @@
+"""Hostile input, overload, disconnects, timeouts, faults and graceful stop: nothing lost, nothing hung."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from launched_server import LaunchedServer
+
+pytestmark = pytest.mark.slow
+
+FAIL_TOKEN = 1999  # the executor fails any batch holding this token (EMBEDSERVE_TEST_FAIL_TOKEN_ID)
+PASSAGE = "retrieval augmented generation needs fast embeddings " * 27  # 245 tokens, under the 256 limit
+
+
+@pytest.fixture(scope="module")
+def limited():
+    os.environ["EMBEDSERVE_TEST_FAIL_TOKEN_ID"] = str(FAIL_TOKEN)
+    try:
+        server = LaunchedServer(
+            "--max-request-bytes", "500000", "--max-request-tokens", "60000", "--request-timeout", "2"
+        )
+    finally:
+        del os.environ["EMBEDSERVE_TEST_FAIL_TOKEN_ID"]
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def plain():
+    with LaunchedServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def small_queue():
+    with LaunchedServer("--max-queued-requests", "8", "--max-queued-tokens", "3000") as server:
+        yield server
+
+
+def healthy(server: LaunchedServer) -> bool:
+    return requests.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def assert_openai_error(response: requests.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_body_over_the_byte_limit_is_413(limited):
+    error = assert_openai_error(limited.post("/v1/embeddings", {"input": "x" * 600_000}), 413)
+    assert "500000" in error["message"]
+    assert healthy(limited)
+
+
+def test_too_many_tokens_in_one_request_is_400_naming_the_limit(limited):
+    error = assert_openai_error(limited.post("/v1/embeddings", {"input": [PASSAGE] * 250}), 400)
+    assert "60000" in error["message"] and "--max-request-tokens" in error["message"]
+    assert healthy(limited)
+
+
+def scheduled_tokens(server: LaunchedServer, since: int) -> int:
+    """Tokens the scheduler sent to the model after log offset `since`, from its batch lines."""
+    return sum(int(n) for n in re.findall(r"#new-token: (\d+)", server.log()[since:]))
+
+
+def serves_again(server: LaunchedServer, within: float = 60.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if server.post("/v1/embeddings", {"input": "still serving"}).status_code == 200:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_request_timeout_is_504_and_its_queued_work_is_dropped(limited):
+    since = len(limited.log())
+    error = assert_openai_error(limited.post("/v1/embeddings", {"input": [PASSAGE] * 240}), 504)
+    assert error["code"] == "request_timeout"
+    assert serves_again(limited)
+    assert scheduled_tokens(limited, since) < 240 * 245 / 2, "the timed-out request kept being computed"
+
+
+def test_crash_in_the_forward_fails_only_its_batch(limited):
+    error = assert_openai_error(limited.post("/v1/embeddings", {"input": [[101, FAIL_TOKEN, 102]]}), 500)
+    assert error["type"] == "server_error" and "injected fault" in error["message"]
+    assert limited.post("/v1/embeddings", {"input": "next request"}).status_code == 200
+    assert healthy(limited)
+
+
+def test_overload_answers_every_request_with_200_in_full_or_429(small_queue):
+    def one(i: int) -> tuple[int, int, str | None]:
+        inputs = [f"query {i} {j} " + PASSAGE[: 40 * (j + 1)] for j in range(8)]
+        r = small_queue.post("/v1/embeddings", {"input": inputs})
+        count = len(r.json()["data"]) if r.status_code == 200 else 0
+        return r.status_code, count, r.headers.get("retry-after")
+
+    health_codes: list[int] = []
+    with ThreadPoolExecutor(64) as pool:
+        futures = [pool.submit(one, i) for i in range(200)]
+        while not all(f.done() for f in futures):
+            health_codes.append(requests.get(f"{small_queue.url}/health", timeout=5).status_code)
+            time.sleep(0.05)
+        results = [f.result(timeout=120) for f in futures]
+    statuses = [s for s, _, _ in results]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) > 0 and statuses.count(200) > 0
+    assert all(count == 8 for s, count, _ in results if s == 200)
+    assert all(retry == "1" for s, _, retry in results if s == 429)
+    assert health_codes and set(health_codes) == {200}
+    assert healthy(small_queue)
+
+
+def test_disconnected_client_has_its_work_skipped(plain):
+    body = json.dumps({"input": [PASSAGE] * 40}).encode()  # 6 x 9,800 tokens: many seconds of work
+    since = len(plain.log())
+    socks = []
+    for _ in range(6):  # several heavy requests, then every client hangs up
+        s = socket.create_connection(("127.0.0.1", plain.port))
+        s.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        socks.append(s)
+    time.sleep(0.5)
+    for s in socks:
+        s.close()
+    assert serves_again(plain)
+    time.sleep(1.0)
+    assert scheduled_tokens(plain, since) < 6 * 40 * 245 / 2, "abandoned requests were still computed"
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0():
+    server = LaunchedServer("--shutdown-timeout", "60")
+    outcome: dict[str, int] = {}
+
+    def heavy() -> None:
+        outcome["heavy"] = server.post("/v1/embeddings", {"input": [PASSAGE] * 60}).status_code
+
+    worker = threading.Thread(target=heavy)
+    worker.start()
+    time.sleep(0.7)
+    os.kill(server.proc.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    late = server.post("/v1/embeddings", {"input": "too late"})
+    assert_openai_error(late, 503)
+    assert requests.get(f"{server.url}/health", timeout=5).status_code == 503
+    worker.join(60)
+    assert outcome["heavy"] == 200
+    assert server.stop() == 0
+    assert server.shm_segments() == []
+    server.kill_strays()
+
+
+def test_schemathesis_finds_no_server_error(plain):
+    server = plain
+    if True:
+        result = subprocess.run(
+            [
+                os.path.join(os.path.dirname(sys.executable), "st"),
+                "run",
+                f"{server.url}/openapi.json",
+                "--checks",
+                "not_a_server_error",
+                "--max-examples",
+                "40",
+                "--include-path-regex",
+                "^/(v1/embeddings|encode)$",
+                "--request-timeout",
+                "30",
+                "--seed",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        assert healthy(server)
