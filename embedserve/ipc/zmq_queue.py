@@ -6,6 +6,7 @@ as a decode error rather than turned into objects (no pickle, ever).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -13,6 +14,7 @@ import zmq
 import zmq.asyncio
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 _encoder = msgspec.msgpack.Encoder()
 # NOTE: a cap on one message keeps a confused peer from making us allocate without bound;
@@ -22,6 +24,19 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 def encode(msg: Any) -> bytes:
     return _encoder.encode(msg)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, data: memoryview) -> Any:
+    """The message, or None (logged) for bytes that are not one of the socket's message types.
+
+    NOTE: msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string field;
+    ValueError covers both. One bad frame must never stop a process's receive loop.
+    """
+    try:
+        return decoder.decode(data)
+    except (ValueError, msgspec.ValidationError) as exc:
+        logger.error("Dropped an undecodable message (%d bytes): %s", len(data), exc)
+        return None
 
 
 def _configure(sock: zmq.Socket, addr: str, bind: bool) -> None:
@@ -53,9 +68,12 @@ class ZmqPull(Generic[T]):
 
     def recv(self, timeout_ms: int | None = None) -> T | None:
         """The next message, or None when none arrives within `timeout_ms` (None waits forever)."""
-        if timeout_ms is not None and not self.sock.poll(timeout_ms):
-            return None
-        return self._decoder.decode(self.sock.recv(copy=False).buffer)
+        while True:
+            if timeout_ms is not None and not self.sock.poll(timeout_ms):
+                return None
+            msg = _decode(self._decoder, self.sock.recv(copy=False).buffer)
+            if msg is not None:
+                return msg
 
     def drain(self, limit: int = 4096) -> list[T]:
         """Every message already waiting, without blocking (bounded so one loop turn stays short)."""
@@ -65,7 +83,9 @@ class ZmqPull(Generic[T]):
                 frame = self.sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            out.append(self._decoder.decode(frame.buffer))
+            msg = _decode(self._decoder, frame.buffer)
+            if msg is not None:
+                out.append(msg)
         return out
 
     def close(self) -> None:
@@ -91,8 +111,11 @@ class AsyncZmqPull(Generic[T]):
         self._decoder = msgspec.msgpack.Decoder(msg_type)
 
     async def recv(self) -> T:
-        frame = await self.sock.recv(copy=False)
-        return self._decoder.decode(frame.buffer)
+        while True:
+            frame = await self.sock.recv(copy=False)
+            msg = _decode(self._decoder, frame.buffer)
+            if msg is not None:
+                return msg
 
     def close(self) -> None:
         self.sock.close(linger=0)
