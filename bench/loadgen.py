@@ -1,0 +1,270 @@
+"""Closed-loop load generator for a running embedserve (or any OpenAI-compatible embeddings server).
+
+Each of `--concurrency` clients owns one keep-alive connection and sends its next request as soon
+as the previous answer arrives. Requests that *complete* inside the measured window (after the
+warmup) count; throughput is divided by the window length. Tokens are counted here with the
+model's tokenizer, never taken from the server's `usage`, so a server cannot flatter itself.
+
+    python -m bench.loadgen --url http://127.0.0.1:30000 --concurrency 16 --inputs-per-request 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from bench.corpus import bundled_model_path, count_tokens, load_corpus_file, load_tokenizer, make_corpus
+
+try:  # NOTE: the client shares the CPU with the server on small machines; orjson parses ~5x faster.
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    _loads = json.loads
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    url: str
+    model: str
+    concurrency: int = 8
+    inputs_per_request: int = 1
+    warmup: float = 5.0
+    duration: float = 30.0
+    encoding_format: str = "float"
+    timeout: float = 60.0  # seconds per request; also bounds how long the run outlives `duration`
+    max_requests: int = 1_000_000
+
+
+@dataclass
+class Summary:
+    url: str
+    model: str
+    concurrency: int
+    inputs_per_request: int
+    encoding_format: str
+    seconds: float  # length of the measured window
+    requests: int  # successful requests completed in the window
+    inputs: int
+    tokens: int
+    requests_per_s: float
+    inputs_per_s: float
+    tokens_per_s: float
+    latency_ms: dict[str, float | None]  # p50 / p90 / p99 / mean of successful requests
+    errors: dict[str, int] = field(default_factory=dict)  # HTTP status or exception name -> count
+
+
+class _Recorder:
+    """Collects outcomes; only those completing inside [start, end] of the window count."""
+
+    def __init__(self, start: float, end: float) -> None:
+        self.start, self.end = start, end
+        self.sent = 0
+        self.latencies: list[float] = []
+        self.inputs = 0
+        self.tokens = 0
+        self.errors: Counter[str] = Counter()
+
+    def record(self, began: float, ended: float, batch: tuple[list[str], int], outcome: str) -> None:
+        if not self.start <= ended <= self.end:
+            return
+        if outcome != "ok":
+            self.errors[outcome] += 1
+            return
+        self.latencies.append(ended - began)
+        self.inputs += len(batch[0])
+        self.tokens += batch[1]
+
+
+def _batches(texts: list[str], tokens: list[int], per_request: int) -> Iterator[tuple[list[str], int]]:
+    """Endless deterministic walk through the corpus, `per_request` texts at a time."""
+    i = 0
+    while True:
+        idx = [(i + j) % len(texts) for j in range(per_request)]
+        yield [texts[k] for k in idx], sum(tokens[k] for k in idx)
+        i = (i + per_request) % len(texts)
+
+
+async def _post(http: httpx.AsyncClient, cfg: LoadConfig, inputs: list[str]) -> str:
+    """One request; returns "ok", the HTTP status, "bad_response" or the exception's name."""
+    body = {"model": cfg.model, "input": inputs, "encoding_format": cfg.encoding_format}
+    try:
+        resp = await http.post("/v1/embeddings", json=body)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    if resp.status_code != 200:
+        return str(resp.status_code)
+    try:
+        ok = len(_loads(resp.content)["data"]) == len(inputs)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    return "ok" if ok else "bad_response"
+
+
+async def _client(cfg: LoadConfig, batches: Iterator[tuple[list[str], int]], rec: _Recorder) -> None:
+    # NOTE: one connection per client and keep-alive on, so we measure serving, not TCP handshakes;
+    # trust_env=False keeps proxy variables from sending the traffic anywhere but `cfg.url`.
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with httpx.AsyncClient(
+        base_url=cfg.url, limits=limits, timeout=cfg.timeout, trust_env=False
+    ) as http:
+        while time.perf_counter() < rec.end and rec.sent < cfg.max_requests:
+            batch = next(batches)  # single event loop: no lock needed around the shared iterator
+            rec.sent += 1
+            began = time.perf_counter()
+            outcome = await _post(http, cfg, batch[0])
+            rec.record(began, time.perf_counter(), batch, outcome)
+
+
+_BAR = "{l_bar}{bar}| {n:.0f}/{total:.0f} s  {postfix}"
+
+
+async def _progress(rec: _Recorder, t0: float, total: float, enabled: bool) -> None:
+    with tqdm(
+        total=round(total, 1), disable=not enabled, file=sys.stderr, leave=False, bar_format=_BAR
+    ) as bar:
+        while True:
+            now = time.perf_counter()
+            bar.n = round(min(now - t0, total), 1)
+            phase = "warmup" if now < rec.start else "measure"
+            span = max(now - rec.start, 1e-9)
+            bar.set_postfix(
+                phase=phase,
+                inputs_s=f"{rec.inputs / span:.0f}" if now >= rec.start else "-",
+                errors=sum(rec.errors.values()),
+            )
+            await asyncio.sleep(0.5)
+
+
+async def run_load(cfg: LoadConfig, texts: list[str], tokens: list[int], progress: bool = True) -> Summary:
+    """Drives the server for `cfg.warmup + cfg.duration` seconds and summarises the measured part."""
+    t0 = time.perf_counter()
+    rec = _Recorder(t0 + cfg.warmup, t0 + cfg.warmup + cfg.duration)
+    batches = _batches(texts, tokens, cfg.inputs_per_request)
+    ticker = asyncio.create_task(_progress(rec, t0, cfg.warmup + cfg.duration, progress))
+    try:
+        await asyncio.gather(*(_client(cfg, batches, rec) for _ in range(cfg.concurrency)))
+    finally:
+        ticker.cancel()
+    # A run cut short by --max-requests has a shorter window than asked for.
+    window = max(min(time.perf_counter(), rec.end) - rec.start, 1e-9)
+    return _summarise(cfg, rec, window)
+
+
+def _summarise(cfg: LoadConfig, rec: _Recorder, window: float) -> Summary:
+    lat = np.asarray(rec.latencies) * 1e3
+    pct = {f"p{q}": float(np.percentile(lat, q)) if lat.size else None for q in (50, 90, 99)}
+    pct["mean"] = float(lat.mean()) if lat.size else None
+    return Summary(
+        url=cfg.url,
+        model=cfg.model,
+        concurrency=cfg.concurrency,
+        inputs_per_request=cfg.inputs_per_request,
+        encoding_format=cfg.encoding_format,
+        seconds=window,
+        requests=len(rec.latencies),
+        inputs=rec.inputs,
+        tokens=rec.tokens,
+        requests_per_s=len(rec.latencies) / window,
+        inputs_per_s=rec.inputs / window,
+        tokens_per_s=rec.tokens / window,
+        latency_ms=pct,
+        errors=dict(sorted(rec.errors.items())),
+    )
+
+
+def format_summary(s: Summary) -> str:
+    def ms(v: float | None) -> str:
+        return "n/a" if v is None or math.isnan(v) else f"{v:.1f}"
+
+    lat = s.latency_ms
+    return "\n".join(
+        [
+            f"{s.url}  model={s.model}  concurrency={s.concurrency}  inputs/request={s.inputs_per_request}"
+            f"  format={s.encoding_format}",
+            f"window      {s.seconds:.1f} s   {s.requests} requests, {s.inputs} inputs, {s.tokens} tokens",
+            f"throughput  {s.tokens_per_s:,.0f} tokens/s   {s.inputs_per_s:,.1f} inputs/s   "
+            f"{s.requests_per_s:,.1f} requests/s",
+            f"latency ms  p50 {ms(lat['p50'])}   p90 {ms(lat['p90'])}   p99 {ms(lat['p99'])}"
+            f"   mean {ms(lat['mean'])}",
+            f"errors      {s.errors or 'none'}",
+        ]
+    )
+
+
+def first_model(url: str, timeout: float = 10.0) -> str:
+    """The first name that GET /v1/models lists."""
+    resp = httpx.get(url.rstrip("/") + "/v1/models", timeout=timeout, trust_env=False)
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+def load_texts(corpus_n: int, corpus_file: str | None, seed: int, tokenizer_path: str) -> list[str]:
+    return load_corpus_file(corpus_file) if corpus_file else make_corpus(corpus_n, seed, tokenizer_path)
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by this script and the side-by-side benchmark."""
+    p.add_argument("--concurrency", type=int, default=8, help="clients, each with one connection")
+    p.add_argument("--inputs-per-request", type=int, default=1, help="texts in each request's input list")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds driven before measuring")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds measured")
+    p.add_argument("--encoding-format", choices=["float", "base64"], default="float")
+    p.add_argument("--corpus", type=int, default=2000, help="size of the seeded synthetic corpus")
+    p.add_argument("--corpus-file", help="texts to send instead: one per line, or JSONL with a 'text' field")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--max-requests", type=int, default=1_000_000, help="stop after this many requests")
+
+
+def check_load_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.concurrency < 1 or a.inputs_per_request < 1 or a.corpus < 1 or a.max_requests < 1:
+        p.error("--concurrency, --inputs-per-request, --corpus and --max-requests must be >= 1")
+    if a.duration <= 0 or a.warmup < 0 or a.timeout <= 0:
+        p.error("--duration and --timeout must be > 0 and --warmup >= 0")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:30000", help="server base URL")
+    p.add_argument("--model", help="model name to send (default: the first of GET /v1/models)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="model folder whose tokenizer counts tokens (default: the bundled all-MiniLM-L6-v2)",
+    )
+    add_load_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    check_load_args(p, a)
+    tokenizer_path = a.tokenizer or bundled_model_path()
+    texts = load_texts(a.corpus, a.corpus_file, a.seed, tokenizer_path)
+    tokens = count_tokens(load_tokenizer(tokenizer_path), texts)
+    cfg = LoadConfig(
+        url=a.url.rstrip("/"),
+        model=a.model or first_model(a.url),
+        concurrency=a.concurrency,
+        inputs_per_request=a.inputs_per_request,
+        warmup=a.warmup,
+        duration=a.duration,
+        encoding_format=a.encoding_format,
+        timeout=a.timeout,
+        max_requests=a.max_requests,
+    )
+    summary = asyncio.run(run_load(cfg, texts, tokens, progress=not a.no_progress))
+    print(json.dumps(dataclasses.asdict(summary), indent=2) if a.json else format_summary(summary))
+
+
+if __name__ == "__main__":
+    main()
