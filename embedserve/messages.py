@@ -54,6 +54,7 @@ class AbortRequest(_Msg):
 class TokenizedRequest(_Msg):
     meta: RequestMeta  # lengths filled in
     tokens: RingRef  # int32 token ids of every input, concatenated in input order
+    tokenize_seconds: float = 0.0  # time in the tokenizer, for the metrics
 
 
 class BatchDone(_Msg):
@@ -97,6 +98,23 @@ class BatchEmbeddings(_Msg):
 class ResponseReady(_Msg):
     rid: str
     body: RingRef  # the encoded JSON response body
+    prompt_tokens: int = 0  # tokens served, for the metrics
+    cached_tokens: int = 0  # of which answered from a cache
+
+
+class SchedulerStats(_Msg):
+    """The scheduler's state and what it observed since its last report; the HTTP process exports it."""
+
+    waiting_seqs: int  # inputs queued for the model
+    waiting_tokens: int
+    running_seqs: int  # inputs at the executor
+    running_tokens: int
+    max_total_tokens: int  # tokens the executor may hold at once
+    batch_seqs: list[int] = []  # size of each batch formed since the last report
+    batch_tokens: list[int] = []
+    queue_wait_seconds: list[float] = []  # per scheduled input: arrival at the scheduler -> batch
+    tokenize_seconds: list[float] = []  # per request, reported by the tokenizer
+    forward_seconds: list[float] = []  # per batch, reported by the executor
 
 
 class RequestFailed(_Msg):
@@ -117,4 +135,4 @@ TokenizerInput = EmbedRequest | AbortRequest
 SchedulerInput = TokenizedRequest | AbortRequest | BatchDone
 ExecutorInput = ForwardBatch | DropRequests
 DetokenizerInput = BatchEmbeddings | DropRequests
-HttpInput = ResponseReady | RequestFailed | ServerState
+HttpInput = ResponseReady | RequestFailed | ServerState | SchedulerStats

@@ -101,6 +101,12 @@ class ServerArgs:
         None, "Seconds a request may take before it is aborted with 504. Default: no limit."
     )
 
+    # Monitoring
+    enable_metrics: bool = _opt(
+        True, "Accepted for SGLang compatibility: /metrics is on unless --disable-metrics."
+    )
+    disable_metrics: bool = _opt(False, "Turn off the Prometheus endpoint /metrics.")
+
     # Runtime
     num_threads: int | None = _opt(
         None, "CPU threads of the model executor. Default: every core this process may use."

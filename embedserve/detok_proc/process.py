@@ -114,7 +114,13 @@ class OutputWorker:
             )
             return
         handle = self.response_ring.write(body)
-        self.to_http.send(ResponseReady(rid=assembly.meta.rid, body=RingRef(handle, len(body))))
+        self.to_http.send(
+            ResponseReady(
+                rid=assembly.meta.rid,
+                body=RingRef(handle, len(body)),
+                prompt_tokens=sum(assembly.meta.lengths),
+            )
+        )
 
 
 def run_detokenizer_process(args: ServerArgs, ports: PortArgs, conn: Connection) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import zmq.asyncio
 
 from embedserve.http.errors import ApiError
+from embedserve.http.metrics import ServerMetrics
 from embedserve.ipc.ports import PortArgs
 from embedserve.ipc.shm_ring import ShmRing
 from embedserve.ipc.zmq_queue import AsyncZmqPull, AsyncZmqPush
@@ -19,6 +20,7 @@ from embedserve.messages import (
     HttpInput,
     RequestFailed,
     ResponseReady,
+    SchedulerStats,
     ServerState,
     TokenizerInput,
 )
@@ -34,7 +36,10 @@ RETRY_AFTER = {"Retry-After": "1"}
 
 
 class PipelineClient:
-    def __init__(self, ports: PortArgs, max_queued_requests: int, request_timeout: float | None):
+    def __init__(
+        self, ports: PortArgs, max_queued_requests: int, request_timeout: float | None, metrics: ServerMetrics
+    ):
+        self.metrics = metrics
         self.max_queued_requests = max_queued_requests
         self.request_timeout = request_timeout
         self._ctx = zmq.asyncio.Context()
@@ -49,6 +54,7 @@ class PipelineClient:
             ResponseReady: self._on_response,
             RequestFailed: self._on_failure,
             ServerState: self._on_state,
+            SchedulerStats: metrics.apply,
         }
         self._reader: asyncio.Task | None = None
 
@@ -69,6 +75,7 @@ class PipelineClient:
         future = self.waiting.pop(msg.rid, None)
         if future is not None and not future.done():
             future.set_result(body)
+            self.metrics.observe_served(msg.prompt_tokens, msg.cached_tokens)
 
     def _on_failure(self, msg: RequestFailed) -> None:
         future = self.waiting.pop(msg.rid, None)
@@ -96,6 +103,7 @@ class PipelineClient:
         rid = request.meta.rid
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.waiting[rid] = future
+        self.metrics.in_flight.labels(self.metrics.model_name).set(len(self.waiting))
         watcher = asyncio.ensure_future(client_gone())
         try:
             await self.to_tokenizer.send(request)
@@ -121,6 +129,7 @@ class PipelineClient:
         finally:
             watcher.cancel()
             self.waiting.pop(rid, None)
+            self.metrics.in_flight.labels(self.metrics.model_name).set(len(self.waiting))
 
     async def abort(self, rid: str) -> None:
         self.waiting.pop(rid, None)

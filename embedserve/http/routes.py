@@ -14,6 +14,8 @@ from fastapi.responses import Response
 
 from embedserve.http import validation as v
 from embedserve.http.errors import ApiError, invalid
+from embedserve.http.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from embedserve.http.metrics import ServerMetrics
 from embedserve.http.pipeline_client import ClientGone, PipelineClient
 from embedserve.http.schemas import EMBEDDINGS_REQUEST, ENCODE_REQUEST, body_spec
 from embedserve.messages import EmbedRequest, RequestMeta
@@ -31,6 +33,7 @@ class AppState:
     limits: v.Limits
     pipeline: PipelineClient
     started: float
+    metrics: ServerMetrics
 
 
 def state_of(request: Request) -> AppState:
@@ -59,6 +62,15 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 public = APIRouter()
+metrics_router = APIRouter()
+
+
+@metrics_router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; open like /health, so scrapers need no API key."""
+    return Response(state_of(request).metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+
 protected = APIRouter(dependencies=[Depends(require_api_key)])
 
 
@@ -140,6 +152,7 @@ def _too_large(size: int, limit: int) -> ApiError:
 
 
 async def _run(request: Request, meta: RequestMeta, inputs: v.ParsedInputs) -> Response:
+    state_of(request).metrics.observe_inputs(inputs.count)
     msg = EmbedRequest(
         meta=meta, texts=inputs.texts, token_ids=inputs.token_ids, token_lengths=inputs.token_lengths
     )

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from embedserve.http import routes
 from embedserve.http.errors import install_error_handlers
+from embedserve.http.metrics import RequestMetricsMiddleware, ServerMetrics
 from embedserve.http.pipeline_client import PipelineClient
 from embedserve.http.validation import Limits
 from embedserve.ipc.child import LauncherChannel, child_process
@@ -24,6 +25,7 @@ from embedserve.server_args import ServerArgs
 
 def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | None = None) -> FastAPI:
     model = model_config_from_args(args)
+    metrics = ServerMetrics(args.model_name)
     limits = Limits(
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,
@@ -33,9 +35,9 @@ def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pipeline = PipelineClient(ports, args.max_queued_requests, args.request_timeout)
+        pipeline = PipelineClient(ports, args.max_queued_requests, args.request_timeout, metrics)
         pipeline.start()
-        app.state.embedserve = routes.AppState(args, model, limits, pipeline, time.time())
+        app.state.embedserve = routes.AppState(args, model, limits, pipeline, time.time(), metrics)
         watcher = asyncio.ensure_future(_report_when_drained(pipeline, args.shutdown_timeout, launcher))
         yield
         watcher.cancel()
@@ -50,6 +52,9 @@ def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | Non
     install_error_handlers(app)
     app.include_router(routes.public)
     app.include_router(routes.protected)
+    if not args.disable_metrics:
+        app.include_router(routes.metrics_router)
+        app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from multiprocessing.connection import Connection
 
 import zmq
@@ -16,6 +17,7 @@ from embedserve.messages import (
     BatchDone,
     DropRequests,
     ExecutorInput,
+    HttpInput,
     RequestFailed,
     RingRef,
     SchedulerInput,
@@ -23,6 +25,7 @@ from embedserve.messages import (
 )
 from embedserve.model_config import model_config_from_args
 from embedserve.scheduler_proc.scheduler import BatchStats, Scheduler
+from embedserve.scheduler_proc.stats_reporter import StatsReporter
 from embedserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -45,7 +48,8 @@ class SchedulerWorker:
         self.token_ring = ShmRing.attach(ports.token_ring)
         self.inbox: ZmqPull[SchedulerInput] = ZmqPull(ctx, ports.scheduler_addr, SchedulerInput)
         self.to_executor: ZmqPush[ExecutorInput] = ZmqPush(ctx, ports.executor_addr)
-        self.to_http: ZmqPush[RequestFailed] = ZmqPush(ctx, ports.http_addr)
+        self.to_http: ZmqPush[HttpInput] = ZmqPush(ctx, ports.http_addr)
+        self.stats = StatsReporter(self.scheduler)
         self._handlers = {
             TokenizedRequest: self._on_request,
             AbortRequest: self._on_abort,
@@ -54,16 +58,25 @@ class SchedulerWorker:
 
     def run_forever(self) -> None:
         while True:
-            # NOTE: block only when there is nothing to schedule; otherwise just pick up what arrived.
-            first = self.inbox.recv(timeout_ms=0 if self.scheduler.can_schedule else None)
+            first = self.inbox.recv(timeout_ms=self._wait_ms())
             for msg in ([first] if first is not None else []) + self.inbox.drain():
                 self._handlers[type(msg)](msg)
+                self.stats.mark_changed()
             self._schedule()
+            if (report := self.stats.take_report()) is not None:
+                self.to_http.send(report)
+
+    def _wait_ms(self) -> int | None:
+        # NOTE: block only when there is nothing to schedule and no report due.
+        if self.scheduler.can_schedule:
+            return 0
+        return self.stats.wait_ms()
 
     def _schedule(self) -> None:
-        while (formed := self.scheduler.next_batch()) is not None:
+        while (formed := self.scheduler.next_batch(time.monotonic())) is not None:
             batch, stats = formed
             logger.info(format_batch_log(stats))
+            self.stats.on_batch(stats)
             self.to_executor.send(batch)
         if drops := self.scheduler.take_drops():
             self.to_executor.send(DropRequests(rids=drops))
@@ -83,13 +96,15 @@ class SchedulerWorker:
                 )
             )
             return
-        self.scheduler.add_request(msg)
+        self.scheduler.add_request(msg, time.monotonic())
+        self.stats.on_tokenized(msg.tokenize_seconds)
 
     def _on_abort(self, msg: AbortRequest) -> None:
         self._release(self.scheduler.abort(msg.rid))
 
     def _on_batch_done(self, msg: BatchDone) -> None:
         self._release(self.scheduler.finish_batch(msg.batch_id))
+        self.stats.on_forward(msg.forward_seconds)
         for rid in msg.failed_rids:  # already answered with a 500: computing the rest would be waste
             self._release(self.scheduler.abort(rid))
 

@@ -15,6 +15,7 @@ class Seq:
     tokens: RingRef  # the request's token block
     start: int  # first token of this input within the block
     length: int
+    enqueued_at: float = 0.0  # time.monotonic() when queued, for the queue-wait metric
 
 
 class FcfsQueue:

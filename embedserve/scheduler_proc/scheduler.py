@@ -41,6 +41,7 @@ class BatchStats:
     token_usage: float
     running_seqs: int
     queued_seqs: int
+    queue_waits: list[float] = field(default_factory=list)  # seconds each input waited in the queue
 
 
 @dataclass
@@ -82,12 +83,12 @@ class Scheduler:
             return True
         return self.queue.waiting_tokens + tokens <= self.max_queued_tokens
 
-    def add_request(self, req: TokenizedRequest) -> None:
+    def add_request(self, req: TokenizedRequest, now: float = 0.0) -> None:
         lengths = req.meta.lengths
         self._requests[req.meta.rid] = _RequestState(req.meta, req.tokens, unfinished=len(lengths))
         start = 0
         for index, length in enumerate(lengths):
-            self.queue.push(Seq(req.meta.rid, index, req.tokens, start, length))
+            self.queue.push(Seq(req.meta.rid, index, req.tokens, start, length, now))
             start += length
 
     def abort(self, rid: str) -> list[RingRef]:
@@ -101,7 +102,7 @@ class Scheduler:
             self._pending_drops.append(rid)
         return self._retire_if_done(rid, state)
 
-    def next_batch(self) -> tuple[ForwardBatch, BatchStats] | None:
+    def next_batch(self, now: float = 0.0) -> tuple[ForwardBatch, BatchStats] | None:
         if not self.can_schedule:
             return None
         running_before = self.running_seqs
@@ -124,6 +125,7 @@ class Scheduler:
             token_usage=self.running_tokens / self.max_total_num_tokens,
             running_seqs=running_before,
             queued_seqs=len(self.queue),
+            queue_waits=[now - seq.enqueued_at for seq in seqs],
         )
         return batch, stats
 

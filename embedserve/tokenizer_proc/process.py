@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -58,6 +59,7 @@ class TokenizerWorker:
             self.handle([first, *self.inbox.drain()])
 
     def handle(self, msgs: list[TokenizerInput]) -> None:
+        started = time.perf_counter()
         aborted = {m.rid for m in msgs if isinstance(m, AbortRequest)}
         requests = [m for m in msgs if isinstance(m, EmbedRequest) and m.meta.rid not in aborted]
         texts = [t for r in requests if r.texts is not None for t in r.texts]
@@ -66,13 +68,15 @@ class TokenizerWorker:
         for request in requests:
             if request.texts is not None:
                 ids = [next(encoded) for _ in request.texts]
-                self._submit(request, ids)
+                self._submit(request, ids, started)
             else:
-                self._submit(request, _split_token_ids(request))
+                self._submit(request, _split_token_ids(request), started)
         for rid in aborted:
             self.to_scheduler.send(AbortRequest(rid=rid))
 
-    def _submit(self, request: EmbedRequest, inputs: list[list[int]] | list[np.ndarray]) -> None:
+    def _submit(
+        self, request: EmbedRequest, inputs: list[list[int]] | list[np.ndarray], started: float
+    ) -> None:
         rid = request.meta.rid
         try:
             arrays = self._checked_lengths(inputs)
@@ -110,7 +114,13 @@ class TokenizerWorker:
             return
         handle = self.ring.write(memoryview(block).cast("B"))
         request.meta.lengths = [int(a.size) for a in arrays]
-        self.to_scheduler.send(TokenizedRequest(meta=request.meta, tokens=RingRef(handle, block.nbytes)))
+        self.to_scheduler.send(
+            TokenizedRequest(
+                meta=request.meta,
+                tokens=RingRef(handle, block.nbytes),
+                tokenize_seconds=time.perf_counter() - started,
+            )
+        )
 
     def _checked_lengths(self, inputs: list[list[int]] | list[np.ndarray]) -> list[np.ndarray]:
         arrays = [np.asarray(ids, dtype="<i4") for ids in inputs]

@@ -1,0 +1,221 @@
+"""Prometheus metrics, one registry in the HTTP process: the other processes report on their messages.
+
+Names follow Prometheus conventions (prefix `embedserve_`, base units, `_total` counters,
+`_seconds` durations); the only labels are `model_name` and bounded sets (endpoint, status code).
+Every series exists from start-up, so the first scrape is already complete.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embedserve.messages import SchedulerStats
+
+POWERS_OF_TWO = tuple(float(2**i) for i in range(0, 17))  # 1 .. 65536
+LATENCY_BUCKETS = tuple(round(1e-4 * 2**i, 6) for i in range(0, 20))  # 100 µs .. ~52 s
+ENDPOINTS = (
+    "/v1/embeddings",
+    "/encode",
+    "/v1/models",
+    "/get_model_info",
+    "/get_server_info",
+    "/health",
+    "/metrics",
+)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# NOTE: `_created` series double the output and no dashboard reads them.
+disable_created_metrics()
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        r, m = self.registry, ["model_name"]
+        self.requests = Counter(
+            "embedserve_requests",
+            "HTTP requests by endpoint and status code.",
+            [*m, "endpoint", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "embedserve_request_latency_seconds",
+            "End-to-end latency of embedding requests, as the HTTP server sees it.",
+            [*m, "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inputs_per_request = Histogram(
+            "embedserve_inputs_per_request",
+            "Inputs in each accepted request.",
+            m,
+            buckets=POWERS_OF_TWO,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "embedserve_prompt_tokens", "Prompt tokens of answered requests.", m, registry=r
+        )
+        self.cached_tokens = Counter(
+            "embedserve_cached_tokens", "Prompt tokens answered from a cache.", m, registry=r
+        )
+        self.cache_hit_ratio = Gauge(
+            "embedserve_cache_hit_ratio", "Cached tokens / prompt tokens since start.", m, registry=r
+        )
+        self.in_flight = Gauge(
+            "embedserve_in_flight_requests", "Requests accepted and not yet answered.", m, registry=r
+        )
+        self.queue_sequences = Gauge(
+            "embedserve_queue_sequences", "Inputs waiting for the model.", m, registry=r
+        )
+        self.queue_tokens = Gauge("embedserve_queue_tokens", "Tokens waiting for the model.", m, registry=r)
+        self.running_sequences = Gauge(
+            "embedserve_running_sequences", "Inputs at the model executor.", m, registry=r
+        )
+        self.used_tokens = Gauge(
+            "embedserve_used_tokens", "Tokens held by the model executor.", m, registry=r
+        )
+        self.max_total_tokens = Gauge(
+            "embedserve_max_total_tokens", "Tokens the executor may hold at once.", m, registry=r
+        )
+        self.token_usage = Gauge(
+            "embedserve_token_usage_ratio", "used_tokens / max_total_tokens.", m, registry=r
+        )
+        self.batch_sequences = Histogram(
+            "embedserve_batch_size_sequences",
+            "Inputs in each forward batch.",
+            m,
+            buckets=POWERS_OF_TWO,
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "embedserve_batch_size_tokens",
+            "Tokens in each forward batch.",
+            m,
+            buckets=POWERS_OF_TWO,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "embedserve_queue_wait_seconds",
+            "Time an input waited for its batch.",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokenize_time = Histogram(
+            "embedserve_tokenize_seconds",
+            "Tokenizer time per request.",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.forward_time = Histogram(
+            "embedserve_forward_seconds",
+            "Model forward time per batch.",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._prompt_total = 0
+        self._cached_total = 0
+        self._touch_every_series()
+
+    def _touch_every_series(self) -> None:
+        for metric in (
+            self.inputs_per_request,
+            self.prompt_tokens,
+            self.cached_tokens,
+            self.cache_hit_ratio,
+            self.in_flight,
+            self.queue_sequences,
+            self.queue_tokens,
+            self.running_sequences,
+            self.used_tokens,
+            self.max_total_tokens,
+            self.token_usage,
+            self.batch_sequences,
+            self.batch_tokens,
+            self.queue_wait,
+            self.tokenize_time,
+            self.forward_time,
+        ):
+            metric.labels(self.model_name)
+        for endpoint in ("/v1/embeddings", "/encode"):
+            self.request_latency.labels(self.model_name, endpoint)
+            self.requests.labels(self.model_name, endpoint, "200")
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(self.model_name, endpoint, str(status)).inc()
+        if endpoint in ("/v1/embeddings", "/encode"):
+            self.request_latency.labels(self.model_name, endpoint).observe(seconds)
+
+    def observe_inputs(self, count: int) -> None:
+        self.inputs_per_request.labels(self.model_name).observe(count)
+
+    def observe_served(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+        self.cached_tokens.labels(self.model_name).inc(cached_tokens)
+        self._prompt_total += prompt_tokens
+        self._cached_total += cached_tokens
+        self.cache_hit_ratio.labels(self.model_name).set(self._cached_total / max(1, self._prompt_total))
+
+    def apply(self, stats: SchedulerStats) -> None:
+        name = self.model_name
+        self.queue_sequences.labels(name).set(stats.waiting_seqs)
+        self.queue_tokens.labels(name).set(stats.waiting_tokens)
+        self.running_sequences.labels(name).set(stats.running_seqs)
+        self.used_tokens.labels(name).set(stats.running_tokens)
+        self.max_total_tokens.labels(name).set(stats.max_total_tokens)
+        self.token_usage.labels(name).set(stats.running_tokens / max(1, stats.max_total_tokens))
+        for values, histogram in (
+            (stats.batch_seqs, self.batch_sequences),
+            (stats.batch_tokens, self.batch_tokens),
+            (stats.queue_wait_seconds, self.queue_wait),
+            (stats.tokenize_seconds, self.tokenize_time),
+            (stats.forward_seconds, self.forward_time),
+        ):
+            child = histogram.labels(name)
+            for value in values:
+                child.observe(value)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP response by endpoint and status, and times the embedding endpoints."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "other"  # NOTE: bounded label values, whatever the path
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - started)
