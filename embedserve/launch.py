@@ -21,7 +21,7 @@ from embedserve.http.server import run_http_process
 from embedserve.ipc.ports import PortArgs, remove_stale_rings
 from embedserve.launch_support import ChildFailed, Supervisor, check_port_free, create_rings, warm_up
 from embedserve.log import configure_logging
-from embedserve.model_config import ModelConfigError, load_model_config
+from embedserve.model_config import ModelConfigError, model_config_from_args
 from embedserve.scheduler_proc.process import run_scheduler_process
 from embedserve.server_args import ServerArgs, make_parser
 from embedserve.tokenizer_proc.process import run_tokenizer_process
@@ -43,7 +43,7 @@ def launch_server(args: ServerArgs) -> int:
     args = args.with_device_resolved()
     logger.info(f"server_args={args!r}")
     try:
-        model = load_model_config(args.model_path, args.context_length)
+        model = model_config_from_args(args)
         check_port_free(args.host, args.port)
     except (ModelConfigError, OSError) as exc:
         logger.error(f"Cannot start: {exc}")
