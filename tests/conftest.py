@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch  # NOTE: does not import triton
+
+# NOTE: triton decides once, at its first import, whether its helpers are compiled or interpreted;
+# other test modules import it indirectly (through transformers) before the kernel tests run, so the
+# switch must be set here, before any of them. With CUDA, kernels run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
@@ -15,13 +23,7 @@ def bundled_model_path() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_cuda = False
-    if has_cuda:
+    if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
