@@ -1,0 +1,136 @@
+"""BERT encoders (MiniLM, bge, e5, gte-base) over packed, unpadded batches.
+
+NOTE: module names mirror the Hugging Face checkpoint (`encoder.layer.N.attention.self...`) so weights
+load by name; the only renaming is the fused `qkv_proj`, declared in `packed_modules_mapping`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedserve.gpu_proc.layers.attention import Attention
+from embedserve.gpu_proc.weight_loader import set_packed_weight_loader
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,  # exact erf form, as BERT was trained
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        hidden = cfg["hidden_size"]
+        self.word_embeddings = nn.Embedding(cfg["vocab_size"], hidden)
+        self.position_embeddings = nn.Embedding(cfg.get("max_position_embeddings", 512), hidden)
+        self.token_type_embeddings = nn.Embedding(cfg.get("type_vocab_size", 2), hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=cfg.get("layer_norm_eps", 1e-12))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # NOTE: every token is segment 0: an embedding input is one text, never a sentence pair.
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        return self.LayerNorm(x + self.token_type_embeddings.weight[0])
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        hidden, self.num_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        self.head_dim = hidden // self.num_heads
+        self.qkv_proj = nn.Linear(hidden, 3 * hidden)
+        set_packed_weight_loader(self.qkv_proj, [hidden] * 3)
+        self.attn = Attention(self.num_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
+        return self.attn(q, k, v).flatten(1)
+
+
+class BertAddNorm(nn.Module):
+    """dense, residual add, LayerNorm: the output step of both the attention and the MLP block."""
+
+    def __init__(self, in_features: int, cfg: dict[str, Any]):
+        super().__init__()
+        self.dense = nn.Linear(in_features, cfg["hidden_size"])
+        self.LayerNorm = nn.LayerNorm(cfg["hidden_size"], eps=cfg.get("layer_norm_eps", 1e-12))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        self.self = BertSelfAttention(cfg)
+        self.output = BertAddNorm(cfg["hidden_size"], cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(x), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        self.dense = nn.Linear(cfg["hidden_size"], cfg["intermediate_size"])
+        self.act = _activation(cfg.get("hidden_act", "gelu"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertAddNorm(cfg["intermediate_size"], cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x)
+        return x
+
+
+class BertModel(nn.Module):
+    """Last hidden states [tokens, hidden] of a packed batch; attention reads the forward context."""
+
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, int]]] = {
+        "query": ("qkv_proj", 0),
+        "key": ("qkv_proj", 1),
+        "value": ("qkv_proj", 2),
+    }
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"unsupported position_embedding_type {cfg['position_embedding_type']!r}")
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embeddings(input_ids, positions))
