@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Protocol
+
+logger = logging.getLogger(__name__)
 
 
 class _Backend(Protocol):
@@ -23,11 +26,30 @@ class TextTokenizer:
         self._backend: _Backend = (
             _FastBackend(str(tokenizer_json)) if tokenizer_json.is_file() else _TransformersBackend(path)
         )
+        if isinstance(self._backend, _FastBackend):
+            self._backend = _prefer_transformers_if_different(self._backend, path)
 
     def encode_batch(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
         if not texts:
             return []
         return self._backend.encode_batch(texts, max_length)
+
+
+_PROBE = ["Special tokens decide embeddings.", "a"]
+
+
+def _prefer_transformers_if_different(fast: _FastBackend, path: str) -> _Backend:
+    """The Hugging Face tokenizer is the reference: tokenizer_config.json can add tokens that
+    tokenizer.json alone does not (e.g. `add_eos_token`, which decoder embedders rely on for their
+    last-token pooling). If the two disagree on a probe, use the reference; a dropped EOS is silent."""
+    try:
+        reference = _TransformersBackend(path)
+    except Exception:  # no usable transformers tokenizer: tokenizer.json is all there is
+        return fast
+    if reference.encode_batch(_PROBE, None) != fast.encode_batch(_PROBE, None):
+        logger.info("tokenizer.json alone differs from the model's tokenizer settings; using transformers.")
+        return reference
+    return fast
 
 
 class _FastBackend:
