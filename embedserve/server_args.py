@@ -86,6 +86,23 @@ class ServerArgs:
         None, "Most sequences (inputs) in one forward batch. Default: 256."
     )
 
+    # Caches and memory
+    max_total_tokens: int | None = _opt(
+        None, "Token slots in the KV pool of causal models. Default: from --mem-fraction-static on CUDA, "
+        "32768 on CPU."
+    )
+    mem_fraction_static: float = _opt(
+        0.88, "CUDA: share of GPU memory for weights plus KV pool; the pool takes what the weights leave."
+    )
+    chunked_prefill_size: int | None = _opt(
+        None, "Causal models: inputs with more new tokens run in chunks of this many through the KV pool. "
+        "Default: 8192 on CUDA, 2048 on CPU."
+    )
+    disable_radix_cache: bool = _opt(False, "Turn off prefix reuse through the radix cache (causal models).")
+    embedding_cache_size: int = _opt(
+        4096, "Entries of the whole-input cache (identical token sequence -> its embedding); 0 turns it off."
+    )
+
     # Admission control and limits
     max_queued_requests: int = _opt(
         2048, "Most requests accepted but not yet answered; past it new requests get 429 at once."
@@ -155,6 +172,12 @@ class ServerArgs:
         # NOTE: on CPU a 16k-token batch of even a small model takes seconds; smaller batches keep
         # latency low at no cost in throughput, since CPU GEMMs saturate well below 4k tokens.
         return 16384 if self.device == "cuda" else 4096
+
+    @property
+    def chunk_size(self) -> int:
+        if self.chunked_prefill_size is not None:
+            return self.chunked_prefill_size
+        return 8192 if self.device == "cuda" else 2048
 
     @property
     def running_request_budget(self) -> int:
