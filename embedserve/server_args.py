@@ -88,15 +88,17 @@ class ServerArgs:
 
     # Caches and memory
     max_total_tokens: int | None = _opt(
-        None, "Token slots in the KV pool of causal models. Default: from --mem-fraction-static on CUDA, "
-        "32768 on CPU."
+        None,
+        "Token slots in the KV pool of causal models. Default: from --mem-fraction-static on CUDA, "
+        "32768 on CPU.",
     )
     mem_fraction_static: float = _opt(
         0.88, "CUDA: share of GPU memory for weights plus KV pool; the pool takes what the weights leave."
     )
     chunked_prefill_size: int | None = _opt(
-        None, "Causal models: inputs with more new tokens run in chunks of this many through the KV pool. "
-        "Default: 8192 on CUDA, 2048 on CPU."
+        None,
+        "Causal models: inputs with more new tokens run in chunks of this many through the KV pool. "
+        "Default: 8192 on CUDA, 2048 on CPU.",
     )
     disable_radix_cache: bool = _opt(False, "Turn off prefix reuse through the radix cache (causal models).")
     embedding_cache_size: int = _opt(
