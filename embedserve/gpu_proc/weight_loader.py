@@ -29,7 +29,7 @@ tqdm.set_lock(threading.RLock())
 _WRAPPER_PREFIXES = ("bert.", "roberta.", "model.", "transformer.")
 # Checkpoint tensors that no embedding model uses: heads, and buffers saved by old transformers versions.
 _UNUSED_PREFIXES = ("pooler.", "lm_head.", "cls.")
-_UNUSED_SUFFIXES = ("position_ids",)
+_UNUSED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
 _BAR_FORMAT = "{desc}: {percentage:3.0f}% Completed | {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 
 PackedMapping = dict[str, tuple[str, int]]

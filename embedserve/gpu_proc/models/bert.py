@@ -1,4 +1,5 @@
-"""BERT encoders (MiniLM, bge, e5, gte-base) over packed, unpadded batches.
+"""BERT encoders (MiniLM, bge, e5, gte-base) and XLM-RoBERTa (bge-m3, multilingual-e5) over packed,
+unpadded batches.
 
 NOTE: module names mirror the Hugging Face checkpoint (`encoder.layer.N.attention.self...`) so weights
 load by name; the only renaming is the fused `qkv_proj`, declared in `packed_modules_mapping`.
@@ -6,35 +7,20 @@ load by name; the only renaming is the fused `qkv_proj`, declared in `packed_mod
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from embedserve.gpu_proc.layers.activation import get_activation
 from embedserve.gpu_proc.layers.attention import Attention
-from embedserve.gpu_proc.weight_loader import set_packed_weight_loader
-
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,  # exact erf form, as BERT was trained
-    "gelu_new": partial(F.gelu, approximate="tanh"),
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
-
-def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
+from embedserve.gpu_proc.layers.linear import PackedLinear
 
 
 class BertEmbeddings(nn.Module):
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], position_offset: int = 0):
         super().__init__()
+        self.position_offset = position_offset
         hidden = cfg["hidden_size"]
         self.word_embeddings = nn.Embedding(cfg["vocab_size"], hidden)
         self.position_embeddings = nn.Embedding(cfg.get("max_position_embeddings", 512), hidden)
@@ -43,7 +29,7 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # NOTE: every token is segment 0: an embedding input is one text, never a sentence pair.
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions + self.position_offset)
         return self.LayerNorm(x + self.token_type_embeddings.weight[0])
 
 
@@ -52,8 +38,7 @@ class BertSelfAttention(nn.Module):
         super().__init__()
         hidden, self.num_heads = cfg["hidden_size"], cfg["num_attention_heads"]
         self.head_dim = hidden // self.num_heads
-        self.qkv_proj = nn.Linear(hidden, 3 * hidden)
-        set_packed_weight_loader(self.qkv_proj, [hidden] * 3)
+        self.qkv_proj = PackedLinear(hidden, [hidden] * 3, bias=True)
         self.attn = Attention(self.num_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +72,7 @@ class BertIntermediate(nn.Module):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
         self.dense = nn.Linear(cfg["hidden_size"], cfg["intermediate_size"])
-        self.act = _activation(cfg.get("hidden_act", "gelu"))
+        self.act = get_activation(cfg.get("hidden_act", "gelu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(x))
@@ -129,8 +114,26 @@ class BertModel(nn.Module):
         super().__init__()
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"unsupported position_embedding_type {cfg['position_embedding_type']!r}")
-        self.embeddings = BertEmbeddings(cfg)
+        self.embeddings = BertEmbeddings(cfg, self.first_position(cfg))
         self.encoder = BertEncoder(cfg)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.embeddings(input_ids, positions))
+
+    @staticmethod
+    def first_position(cfg: dict[str, Any]) -> int:
+        """The row of the position table that a sequence's first token reads."""
+        return 0
+
+
+class XLMRobertaModel(BertModel):
+    """BERT's layout; positions start after the padding row, as fairseq numbered them.
+
+    NOTE: HF derives positions from the ids (`create_position_ids_from_input_ids`): padding_idx + 1 + i
+    for the i-th non-pad token. Our sequences hold no padding, so that is a constant offset.
+    """
+
+    @staticmethod
+    def first_position(cfg: dict[str, Any]) -> int:
+        pad = cfg.get("pad_token_id")
+        return (1 if pad is None else int(pad)) + 1
