@@ -19,7 +19,14 @@ from embedserve.detok_proc.process import run_detokenizer_process
 from embedserve.gpu_proc.process import run_executor_process
 from embedserve.http.server import run_http_process
 from embedserve.ipc.ports import PortArgs, remove_stale_rings
-from embedserve.launch_support import ChildFailed, Supervisor, check_port_free, create_rings, warm_up
+from embedserve.launch_support import (
+    ChildFailed,
+    Supervisor,
+    check_port_free,
+    create_rings,
+    warm_up,
+    with_kv_pool,
+)
 from embedserve.log import configure_logging
 from embedserve.model_config import ModelConfigError, model_config_from_args
 from embedserve.scheduler_proc.process import run_scheduler_process
@@ -28,9 +35,9 @@ from embedserve.tokenizer_proc.process import run_tokenizer_process
 
 logger = logging.getLogger("embedserve")
 
-# Started together and awaited together; HTTP starts last so it never serves a half-built pipeline.
-BACKEND_PROCESSES = (
-    ("executor", run_executor_process),
+# The executor starts first: the KV pool it can allocate bounds the context length the others use.
+# HTTP starts last so it never serves a half-built pipeline.
+PIPELINE_PROCESSES = (
     ("tokenizer", run_tokenizer_process),
     ("scheduler", run_scheduler_process),
     ("detokenizer", run_detokenizer_process),
@@ -55,9 +62,12 @@ def launch_server(args: ServerArgs) -> int:
     supervisor = Supervisor(args, ports, mp.get_context("spawn"))
     try:
         supervisor.install_signal_handlers()
-        for name, target in BACKEND_PROCESSES:
+        supervisor.start("executor", run_executor_process)
+        executor = supervisor.wait_ready(["executor"])["executor"]
+        args = supervisor.args = with_kv_pool(args, model, int(executor.get("kv_pool_tokens", 0)))
+        for name, target in PIPELINE_PROCESSES:
             supervisor.start(name, target)
-        supervisor.wait_ready([name for name, _ in BACKEND_PROCESSES])
+        supervisor.wait_ready([name for name, _ in PIPELINE_PROCESSES])
         supervisor.start("http", run_http_process)
         supervisor.wait_ready(["http"])
         warm_up(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -65,6 +66,23 @@ def create_rings(ports: PortArgs, model: ModelConfig, args: ServerArgs) -> list[
     ]
 
 
+def with_kv_pool(args: ServerArgs, model: ModelConfig, kv_pool_tokens: int) -> ServerArgs:
+    """The args every later process gets: the pool the executor allocated (0: none), and a context
+    length that fits in it (an input must hold all its KV slots at once)."""
+    context = args.context_length or model.context_length
+    if kv_pool_tokens and context > kv_pool_tokens:
+        logger.warning(
+            f"context_len lowered from {context} to the KV pool's {kv_pool_tokens} tokens "
+            "(raise --max-total-tokens for longer inputs)"
+        )
+        context = kv_pool_tokens
+    return dataclasses.replace(
+        args,
+        max_total_tokens=kv_pool_tokens,
+        context_length=context if context != model.context_length else args.context_length,
+    )
+
+
 def warm_up(args: ServerArgs, timeout: float = 300.0) -> None:
     """One request through HTTP, tokenizer, scheduler, executor and output, as the seed's server does."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
@@ -117,7 +135,9 @@ class Supervisor:
         writer.close()
         self.children[name] = Child(name, process, reader)
 
-    def wait_ready(self, names: list[str]) -> None:
+    def wait_ready(self, names: list[str]) -> dict[str, dict]:
+        """Block until every named child reported ready; returns what each reported."""
+        reported: dict[str, dict] = {}
         pending = {self.children[n].conn: self.children[n] for n in names}
         sentinels = {self.children[n].process.sentinel: self.children[n] for n in names}
         while pending:
@@ -129,10 +149,12 @@ class Supervisor:
                 child = pending[item]
                 event = self._read(child)
                 if event.get("event") == "ready":
+                    reported[child.name] = event
                     del pending[item]
                 elif event.get("event") == "error":
                     child.process.join(5)
                     raise ChildFailed(self._death_report(child))
+        return reported
 
     def announce_ready(self) -> None:
         self._tell_http(ServerState(ready=True))

@@ -57,6 +57,12 @@ class TokenizedRequest(_Msg):
     tokenize_seconds: float = 0.0  # time in the tokenizer, for the metrics
 
 
+class FlushCache(_Msg):
+    """Drop every cached prefix and embedding; http waits for the FlushDone with the same id."""
+
+    flush_id: str
+
+
 class BatchDone(_Msg):
     batch_id: int
     forward_seconds: float  # time spent in the model forward, for the batch log and metrics
@@ -68,13 +74,26 @@ class SeqRef(msgspec.Struct, array_like=True, gc=False):
     rid: str
     index: int  # position of this input within its request
     tokens: RingRef  # the request's whole token block (ring handles name blocks, not slices)
-    start: int  # first token of this input within the block, in tokens
-    length: int  # tokens of this input
+    start: int  # first token to compute, within the block (the input's start + its cached prefix)
+    length: int  # tokens to compute in this batch; 0 for a whole-input cache hit
+    cached: int = 0  # tokens of this input answered from a cache (KV prefix, or all of it on a hit)
+    emb_slot: int = -1  # whole-input cache slot: read from it on a hit, else store the result in it
+    emb_hit: bool = False
+    final: bool = True  # False for a chunk before the last: its row is not the input's embedding
+
+
+class KvPlan(msgspec.Struct, array_like=True, gc=False):
+    """Where the KV of the batch's computed sequences lives in the executor's pool (page size 1)."""
+
+    prefix_lens: list[int]  # per computed sequence (length > 0), in batch order: slots already filled
+    prefix_slots: bytes  # int32 LE, every computed sequence's prefix slots, concatenated
+    new_slots: bytes  # int32 LE, one slot per computed token, where its K/V goes
 
 
 class ForwardBatch(_Msg):
     batch_id: int
     seqs: list[SeqRef]
+    kv: KvPlan | None = None  # causal models through the KV pool; None: a plain packed forward
     new_requests: list[RequestMeta] = []  # metas the output process has not seen yet
     dropped: list[str] = []  # rids the output process must forget (aborted requests)
 
@@ -87,6 +106,7 @@ class DropRequests(_Msg):
 class BatchEmbeddings(_Msg):
     batch_id: int
     rows: list[tuple[str, int]]  # (rid, input index) of each embedding row, in row order
+    row_cached: list[int]  # cached tokens of each row's input
     embeddings: RingRef | None  # float32 [len(rows), dim] row-major; None when the batch failed
     dim: int
     new_requests: list[RequestMeta] = []
@@ -126,13 +146,19 @@ class RequestFailed(_Msg):
     code: str | None = None
 
 
+class FlushDone(_Msg):
+    flush_id: str
+    ok: bool
+    message: str = ""
+
+
 class ServerState(_Msg):
     ready: bool = False  # warm-up passed: /health answers 200
     draining: bool = False  # stopping: refuse new work, finish what is in flight
 
 
-TokenizerInput = EmbedRequest | AbortRequest
-SchedulerInput = TokenizedRequest | AbortRequest | BatchDone
+TokenizerInput = EmbedRequest | AbortRequest | FlushCache
+SchedulerInput = TokenizedRequest | AbortRequest | BatchDone | FlushCache
 ExecutorInput = ForwardBatch | DropRequests
 DetokenizerInput = BatchEmbeddings | DropRequests
-HttpInput = ResponseReady | RequestFailed | ServerState | SchedulerStats
+HttpInput = ResponseReady | RequestFailed | ServerState | SchedulerStats | FlushDone

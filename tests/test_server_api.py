@@ -78,7 +78,11 @@ def test_requests_response_shape(server):
     assert all(
         set(d) == {"object", "index", "embedding"} and d["object"] == "embedding" for d in body["data"]
     )
-    assert body["usage"] == {"prompt_tokens": 3 + 4, "total_tokens": 3 + 4}
+    assert body["usage"] == {
+        "prompt_tokens": 7,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_token_ids_give_the_texts_embedding(server, bundled_model_path):
@@ -95,12 +99,25 @@ def test_token_ids_give_the_texts_embedding(server, bundled_model_path):
 def test_encode_native_single_and_many(server):
     single = server.post("/encode", {"text": TEXT}).json()
     assert len(single["embedding"]) == 384
-    assert single["meta_info"]["prompt_tokens"] == 6 and single["meta_info"]["cached_tokens"] == 0
+    assert single["meta_info"]["prompt_tokens"] == 6
     many = server.post("/encode", {"text": [TEXT, "hello"]}).json()
     assert isinstance(many, list) and len(many) == 2
     assert np.allclose(many[0]["embedding"], single["embedding"], atol=1e-6)
     ids = server.post("/encode", {"input_ids": [101, 2045, 102]}).json()
     assert ids["meta_info"]["prompt_tokens"] == 3
+
+
+def test_a_repeated_input_is_answered_from_the_whole_input_cache(server):
+    text = "a sentence nobody has sent to this server before, number 8812"
+    first = server.post("/v1/embeddings", {"input": [text]}).json()
+    again = server.post("/v1/embeddings", {"input": [text, "and something new 8812"]}).json()
+    n = first["usage"]["prompt_tokens"]
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == n  # a hit counts all its tokens
+    assert again["data"][0]["embedding"] == first["data"][0]["embedding"]
+    meta = server.post("/encode", {"text": text}).json()["meta_info"]
+    assert meta["cached_tokens"] == meta["prompt_tokens"] == n
+    assert "#cached-token: " + str(n) in server.log()
 
 
 def test_dimensions_keep_first_n_and_renormalise(server):

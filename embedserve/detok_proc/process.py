@@ -38,6 +38,7 @@ class _Assembly:
     meta: RequestMeta
     vectors: np.ndarray | None  # [inputs, dim], allocated when the first row arrives
     missing: int  # rows not yet received
+    cached: list[int]  # tokens of each input answered from a cache
     failed: bool = False  # an error was already sent; later rows are only counted
 
 
@@ -61,14 +62,16 @@ class OutputWorker:
 
     def on_batch(self, msg: BatchEmbeddings) -> None:
         for meta in msg.new_requests:
-            self.pending[meta.rid] = _Assembly(meta, None, missing=len(meta.lengths))
+            self.pending[meta.rid] = _Assembly(
+                meta, None, missing=len(meta.lengths), cached=[0] * len(meta.lengths)
+            )
         if msg.embeddings is None:
             self._fail_rows(msg.rows, msg.error or "The model failed on this batch.")
         else:
-            self._collect(msg.rows, msg.embeddings, msg.dim)
+            self._collect(msg.rows, msg.row_cached, msg.embeddings, msg.dim)
         self.on_drop(DropRequests(rids=msg.dropped))
 
-    def _collect(self, rows: list[tuple[str, int]], ref: RingRef, dim: int) -> None:
+    def _collect(self, rows: list[tuple[str, int]], row_cached: list[int], ref: RingRef, dim: int) -> None:
         block = np.frombuffer(self.embedding_ring.view(ref.offset, ref.nbytes), dtype="<f4")
         matrix = block.reshape(len(rows), dim)
         finished = []
@@ -79,6 +82,7 @@ class OutputWorker:
             if assembly.vectors is None:
                 assembly.vectors = np.empty((len(assembly.meta.lengths), dim), dtype=np.float32)
             assembly.vectors[index] = matrix[row]
+            assembly.cached[index] = row_cached[row]
             assembly.missing -= 1
             if assembly.missing == 0:
                 finished.append(rid)
@@ -102,7 +106,7 @@ class OutputWorker:
     def _respond(self, assembly: _Assembly) -> None:
         if assembly.failed or assembly.vectors is None:
             return
-        body = BODY_BUILDERS[assembly.meta.api](assembly.meta, assembly.vectors)
+        body = BODY_BUILDERS[assembly.meta.api](assembly.meta, assembly.vectors, assembly.cached)
         if len(body) > self.response_ring.max_block_bytes:
             self.to_http.send(
                 RequestFailed(

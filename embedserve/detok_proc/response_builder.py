@@ -29,21 +29,26 @@ def _encoded_rows(vectors: np.ndarray, encoding_format: str) -> list:
     return list(vectors)  # each row a contiguous float32 array; orjson writes it natively
 
 
-def openai_body(meta: RequestMeta, vectors: np.ndarray) -> bytes:
+def openai_body(meta: RequestMeta, vectors: np.ndarray, cached: list[int]) -> bytes:
     rows = _encoded_rows(shape_vectors(vectors, meta.dimensions), meta.encoding_format)
     prompt_tokens = sum(meta.lengths)
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(cached)},  # OpenAI's field for cache hits
+    }
     return orjson.dumps(
         {
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
             "model": meta.model,
-            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+            "usage": usage,
         },
         option=_DUMPS_OPTIONS,
     )
 
 
-def encode_body(meta: RequestMeta, vectors: np.ndarray) -> bytes:
+def encode_body(meta: RequestMeta, vectors: np.ndarray, cached: list[int]) -> bytes:
     """SGLang's native /encode shape: one object per input, or the object alone for a single input."""
     rows = _encoded_rows(shape_vectors(vectors, meta.dimensions), meta.encoding_format)
     items = [
@@ -52,7 +57,7 @@ def encode_body(meta: RequestMeta, vectors: np.ndarray) -> bytes:
             "meta_info": {
                 "id": meta.rid if meta.single else f"{meta.rid}-{i}",
                 "prompt_tokens": meta.lengths[i],
-                "cached_tokens": 0,
+                "cached_tokens": cached[i],
             },
         }
         for i, row in enumerate(rows)

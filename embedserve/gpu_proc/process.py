@@ -15,6 +15,8 @@ from multiprocessing.connection import Connection
 import numpy as np
 import zmq
 
+from embedserve.gpu_proc.embedding_table import EmbeddingTable
+from embedserve.gpu_proc.kv_pool_size import kv_pool_tokens
 from embedserve.ipc.child import child_process
 from embedserve.ipc.ports import PortArgs
 from embedserve.ipc.shm_ring import ShmRing
@@ -26,8 +28,10 @@ from embedserve.messages import (
     DropRequests,
     ExecutorInput,
     ForwardBatch,
+    KvPlan,
     RingRef,
     SchedulerInput,
+    SeqRef,
 )
 from embedserve.model_config import model_config_from_args
 from embedserve.server_args import ServerArgs
@@ -43,6 +47,16 @@ class ExecutorWorker:
         self.runner = ModelRunner(
             config, device=args.device, dtype=args.dtype, num_threads=args.executor_threads
         )
+        if self.runner.supports_kv_cache and args.max_total_tokens != 0:
+            self.runner.allocate_kv_pool(
+                kv_pool_tokens(
+                    args.max_total_tokens,
+                    args.mem_fraction_static,
+                    args.device,
+                    self.runner.kv_bytes_per_token,
+                )
+            )
+        self.embedding_table = EmbeddingTable(args.embedding_cache_size, self.runner.hidden_size)
         self.token_ring = ShmRing.attach(ports.token_ring)
         self.embedding_ring = ShmRing.attach(ports.embedding_ring)
         self.inbox: ZmqPull[ExecutorInput] = ZmqPull(ctx, ports.executor_addr, ExecutorInput)
@@ -60,10 +74,11 @@ class ExecutorWorker:
             self._handlers[type(msg)](msg)
 
     def run_batch(self, batch: ForwardBatch) -> None:
-        rows = [(s.rid, s.index) for s in batch.seqs]
+        finals = [s for s in batch.seqs if s.final]  # an earlier chunk's row is not an embedding
         out = BatchEmbeddings(
             batch_id=batch.batch_id,
-            rows=rows,
+            rows=[(s.rid, s.index) for s in finals],
+            row_cached=[s.cached for s in finals],
             embeddings=None,
             dim=self.runner.hidden_size,
             new_requests=batch.new_requests,
@@ -71,11 +86,7 @@ class ExecutorWorker:
         )
         started = time.perf_counter()
         try:
-            tokens = self._gather_tokens(batch)
-            if self._fail_token is not None and (tokens == self._fail_token).any():
-                raise RuntimeError(f"injected fault on token {self._fail_token}")
-            embeddings = self.runner.embed(tokens, [s.length for s in batch.seqs])
-            out.embeddings = self._publish(embeddings)
+            out.embeddings = self._publish(self._embed(batch, finals))
         except Exception as exc:
             logger.exception("Forward of batch %d failed", batch.batch_id)
             out.error = f"The model failed on this batch: {type(exc).__name__}: {exc}"
@@ -88,9 +99,29 @@ class ExecutorWorker:
             )
         )
 
-    def _gather_tokens(self, batch: ForwardBatch) -> np.ndarray:
+    def _embed(self, batch: ForwardBatch, finals: list[SeqRef]) -> np.ndarray:
+        """Rows of the batch's final inputs: computed, or read from the whole-input cache on a hit."""
+        computed = [s for s in batch.seqs if s.length > 0]
+        by_seq: dict[int, np.ndarray] = {}
+        if computed:
+            tokens = self._gather_tokens(computed)
+            if self._fail_token is not None and (tokens == self._fail_token).any():
+                raise RuntimeError(f"injected fault on token {self._fail_token}")
+            rows = self.runner.embed(tokens, [s.length for s in computed], _kv_batch(batch.kv))
+            for seq, row in zip(computed, rows, strict=True):
+                by_seq[id(seq)] = row
+                if seq.final and seq.emb_slot >= 0:
+                    self.embedding_table.store(seq.emb_slot, row)
+        if not finals:  # only chunks before the last: nothing to hand on yet
+            return np.empty((0, self.runner.hidden_size), dtype=np.float32)
+        # NOTE: stored before read, so a hit on an input computed in this very batch finds its row.
+        return np.stack(
+            [self.embedding_table.read(s.emb_slot) if s.emb_hit else by_seq[id(s)] for s in finals]
+        )
+
+    def _gather_tokens(self, seqs: list[SeqRef]) -> np.ndarray:
         parts = []
-        for seq in batch.seqs:
+        for seq in seqs:
             block = np.frombuffer(self.token_ring.view(seq.tokens.offset, seq.tokens.nbytes), dtype="<i4")
             parts.append(block[seq.start : seq.start + seq.length])
         return np.concatenate(parts)  # a copy: the ring slot may be reused once the batch is done
@@ -102,8 +133,21 @@ class ExecutorWorker:
         return RingRef(handle, data.nbytes)
 
 
+def _kv_batch(plan: KvPlan | None):  # -> KvBatch | None
+    if plan is None:
+        return None
+    # NOTE: imported here, not at the top: the launcher imports this module and must not load torch.
+    from embedserve.gpu_proc.layers.attention import KvBatch
+
+    return KvBatch(
+        prefix_lens=np.asarray(plan.prefix_lens, dtype=np.int32),
+        prefix_slots=np.frombuffer(plan.prefix_slots, dtype=np.int32),
+        new_slots=np.frombuffer(plan.new_slots, dtype=np.int32),
+    )
+
+
 def run_executor_process(args: ServerArgs, ports: PortArgs, conn: Connection) -> None:
     with child_process("executor", args.log_level, conn) as launcher:
         worker = ExecutorWorker(args, ports, zmq.Context())
-        launcher.ready(hidden_size=worker.runner.hidden_size, dtype=str(worker.runner.torch_dtype))
+        launcher.ready(kv_pool_tokens=worker.runner.kv_pool_tokens)
         worker.run_forever()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 
 import zmq.asyncio
@@ -17,6 +18,8 @@ from embedserve.ipc.zmq_queue import AsyncZmqPull, AsyncZmqPush
 from embedserve.messages import (
     AbortRequest,
     EmbedRequest,
+    FlushCache,
+    FlushDone,
     HttpInput,
     RequestFailed,
     ResponseReady,
@@ -55,7 +58,9 @@ class PipelineClient:
             RequestFailed: self._on_failure,
             ServerState: self._on_state,
             SchedulerStats: metrics.apply,
+            FlushDone: self._on_flush_done,
         }
+        self.flushes: dict[str, asyncio.Future[FlushDone]] = {}
         self._reader: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -82,6 +87,28 @@ class PipelineClient:
         if future is not None and not future.done():
             headers = RETRY_AFTER if msg.status == 429 else None
             future.set_exception(ApiError(msg.status, msg.message, msg.type, msg.param, msg.code, headers))
+
+    def _on_flush_done(self, msg: FlushDone) -> None:
+        future = self.flushes.pop(msg.flush_id, None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def flush_cache(self) -> FlushDone:
+        """Ask the scheduler to drop every cached prefix and embedding; refused while requests are in flight."""
+        if self.waiting:
+            return FlushDone(
+                flush_id="",
+                ok=False,
+                message=f"Cannot flush the cache while {len(self.waiting)} requests are in flight.",
+            )
+        flush_id = uuid.uuid4().hex
+        future: asyncio.Future[FlushDone] = asyncio.get_running_loop().create_future()
+        self.flushes[flush_id] = future
+        try:
+            await self.to_tokenizer.send(FlushCache(flush_id=flush_id))
+            return await asyncio.wait_for(future, timeout=30)
+        finally:
+            self.flushes.pop(flush_id, None)
 
     def _on_state(self, msg: ServerState) -> None:
         self.ready, self.draining = msg.ready, msg.draining

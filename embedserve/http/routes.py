@@ -169,6 +169,15 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+@protected.post("/flush_cache")
+async def flush_cache(request: Request) -> Response:
+    """SGLang's endpoint: 200 once every cached prefix and embedding is dropped, 400 while requests run."""
+    done = await state_of(request).pipeline.flush_cache()
+    if not done.ok:
+        raise ApiError(400, done.message, "invalid_request_error", None, "requests_in_flight")
+    return Response("Cache flushed.\n", media_type="text/plain")
+
+
 @protected.get("/v1/models")
 async def models(request: Request) -> Response:
     state = state_of(request)

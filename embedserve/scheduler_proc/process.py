@@ -6,6 +6,7 @@ import logging
 import time
 from multiprocessing.connection import Connection
 
+import numpy as np
 import zmq
 
 from embedserve.ipc.child import child_process
@@ -17,6 +18,8 @@ from embedserve.messages import (
     BatchDone,
     DropRequests,
     ExecutorInput,
+    FlushCache,
+    FlushDone,
     HttpInput,
     RequestFailed,
     RingRef,
@@ -24,6 +27,8 @@ from embedserve.messages import (
     TokenizedRequest,
 )
 from embedserve.model_config import model_config_from_args
+from embedserve.scheduler_proc.cache_planner import CacheConfig
+from embedserve.scheduler_proc.request_queue import Seq
 from embedserve.scheduler_proc.scheduler import BatchStats, Scheduler
 from embedserve.scheduler_proc.stats_reporter import StatsReporter
 from embedserve.server_args import ServerArgs
@@ -42,10 +47,14 @@ def format_batch_log(stats: BatchStats) -> str:
 
 class SchedulerWorker:
     def __init__(self, args: ServerArgs, ports: PortArgs, ctx: zmq.Context):
-        self.scheduler = Scheduler(
-            args.prefill_token_budget, args.running_request_budget, max_queued_tokens=args.max_queued_tokens
-        )
         self.token_ring = ShmRing.attach(ports.token_ring)
+        self.scheduler = Scheduler(
+            args.prefill_token_budget,
+            args.running_request_budget,
+            max_queued_tokens=args.max_queued_tokens,
+            caches=cache_config(args),
+            read_tokens=self._read_tokens,
+        )
         self.inbox: ZmqPull[SchedulerInput] = ZmqPull(ctx, ports.scheduler_addr, SchedulerInput)
         self.to_executor: ZmqPush[ExecutorInput] = ZmqPush(ctx, ports.executor_addr)
         self.to_http: ZmqPush[HttpInput] = ZmqPush(ctx, ports.http_addr)
@@ -54,6 +63,7 @@ class SchedulerWorker:
             TokenizedRequest: self._on_request,
             AbortRequest: self._on_abort,
             BatchDone: self._on_batch_done,
+            FlushCache: self._on_flush,
         }
 
     def run_forever(self) -> None:
@@ -102,8 +112,19 @@ class SchedulerWorker:
     def _on_abort(self, msg: AbortRequest) -> None:
         self._release(self.scheduler.abort(msg.rid))
 
+    def _on_flush(self, msg: FlushCache) -> None:
+        ok = self.scheduler.flush()
+        message = "" if ok else "Cannot flush the cache while requests are in flight."
+        self.to_http.send(FlushDone(flush_id=msg.flush_id, ok=ok, message=message))
+        if ok:
+            logger.info("Cache flushed.")
+
+    def _read_tokens(self, seq: Seq) -> list[int]:
+        block = np.frombuffer(self.token_ring.view(seq.tokens.offset, seq.tokens.nbytes), dtype="<i4")
+        return block[seq.start : seq.start + seq.length].tolist()
+
     def _on_batch_done(self, msg: BatchDone) -> None:
-        self._release(self.scheduler.finish_batch(msg.batch_id))
+        self._release(self.scheduler.finish_batch(msg.batch_id, ok=not msg.failed_rids))
         self.stats.on_forward(msg.forward_seconds)
         for rid in msg.failed_rids:  # already answered with a 500: computing the rest would be waste
             self._release(self.scheduler.abort(rid))
@@ -113,13 +134,25 @@ class SchedulerWorker:
             self.token_ring.release(ref.offset)
 
 
+def cache_config(args: ServerArgs) -> CacheConfig:
+    """The launcher sets max_total_tokens to the KV pool the executor allocated (0: none)."""
+    pool = args.max_total_tokens or 0
+    return CacheConfig(
+        kv_pool_tokens=pool,
+        radix=pool > 0 and not args.disable_radix_cache,
+        chunk_size=min(args.chunk_size, pool) if pool else 0,
+        embedding_cache_size=args.embedding_cache_size,
+    )
+
+
 def run_scheduler_process(args: ServerArgs, ports: PortArgs, conn: Connection) -> None:
     with child_process("scheduler", args.log_level, conn) as launcher:
         worker = SchedulerWorker(args, ports, zmq.Context())
         s = worker.scheduler
         context_len = model_config_from_args(args).context_length
+        chunk = f"chunked_prefill_size={s.caches.config.chunk_size}, " if s.caches.config.chunk_size else ""
         logger.info(
-            f"max_total_num_tokens={s.max_total_num_tokens}, max_prefill_tokens={s.max_prefill_tokens}, "
+            f"max_total_num_tokens={s.max_total_num_tokens}, {chunk}max_prefill_tokens={s.max_prefill_tokens}, "
             f"max_running_requests={s.max_running_seqs}, context_len={context_len}"
         )
         launcher.ready()

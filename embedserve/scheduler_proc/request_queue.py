@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from embedserve.messages import RingRef
 
@@ -16,6 +18,11 @@ class Seq:
     start: int  # first token of this input within the block
     length: int
     enqueued_at: float = 0.0  # time.monotonic() when queued, for the queue-wait metric
+    # Chunked prefill: what earlier chunks of this input left behind while it waits for the next.
+    done: int = 0  # tokens already computed into the KV pool
+    cached: int = 0  # tokens answered from the prefix cache so far
+    held_pages: list[int] = field(default_factory=list)  # its pages outside the radix tree
+    locked_node: Any = None  # the radix node that keeps its computed prefix alive
 
 
 class FcfsQueue:
@@ -28,6 +35,9 @@ class FcfsQueue:
     def __len__(self) -> int:
         return len(self._seqs)
 
+    def __iter__(self) -> Iterator[Seq]:
+        return iter(self._seqs)
+
     def push(self, seq: Seq) -> None:
         self._seqs.append(seq)
         self.waiting_tokens += seq.length
@@ -35,18 +45,22 @@ class FcfsQueue:
     def peek(self) -> Seq | None:
         return self._seqs[0] if self._seqs else None
 
+    def push_front(self, seq: Seq) -> None:
+        """Back at the head: a chunked input keeps its place in line for its next chunk."""
+        self._seqs.appendleft(seq)
+        self.waiting_tokens += seq.length
+
     def pop(self) -> Seq:
         seq = self._seqs.popleft()
         self.waiting_tokens -= seq.length
         return seq
 
-    def remove_request(self, rid: str) -> int:
-        """Drop every waiting sequence of `rid`; returns how many there were."""
-        kept = deque(s for s in self._seqs if s.rid != rid)
-        removed = len(self._seqs) - len(kept)
+    def remove_request(self, rid: str) -> list[Seq]:
+        """Drop every waiting sequence of `rid` and return them (they may hold cache pages)."""
+        removed = [s for s in self._seqs if s.rid == rid]
         if removed:
-            self._seqs = kept
-            self.waiting_tokens = sum(s.length for s in kept)
+            self._seqs = deque(s for s in self._seqs if s.rid != rid)
+            self.waiting_tokens = sum(s.length for s in self._seqs)
         return removed
 
     def check_integrity(self) -> None:

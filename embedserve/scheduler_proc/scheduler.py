@@ -1,17 +1,22 @@
 """Batch formation and request bookkeeping, with no sockets and no torch: testable on its own.
 
 A request of N inputs becomes N sequences. Each batch takes waiting sequences in FCFS order up
-to the token budget and the sequence budget; at most `max_batches_in_flight` batches are at
-the executor at once, so the next batch is ready the moment the current one finishes.
-A request's token block is released when its last sequence has been computed (or it was aborted
-and nothing of it is still in flight).
+to the token budget (new tokens only: cached ones cost nothing) and the sequence budget; at most
+`max_batches_in_flight` batches are at the executor at once, so the next batch is ready the
+moment the current one finishes. A sequence that cannot get KV slots waits at the head: order is
+kept and nothing fails for lack of cache. A long input runs chunk by chunk, back at the head of
+the queue between chunks. A request's token block is released when its last sequence has been
+computed (or it was aborted and nothing of it is still in flight).
 """
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from embedserve.messages import ForwardBatch, RequestMeta, RingRef, SeqRef, TokenizedRequest
+from embedserve.messages import ForwardBatch, KvPlan, RequestMeta, RingRef, TokenizedRequest
+from embedserve.scheduler_proc.cache_planner import CacheConfig, CachePlanner, Planned
 from embedserve.scheduler_proc.request_queue import FcfsQueue, Seq
 
 
@@ -27,8 +32,8 @@ class _RequestState:
 
 @dataclass
 class _InFlight:
-    seqs: list[Seq]
-    tokens: int
+    planned: list[Planned]
+    tokens: int  # tokens computed by this batch
 
 
 @dataclass
@@ -44,29 +49,46 @@ class BatchStats:
     queue_waits: list[float] = field(default_factory=list)  # seconds each input waited in the queue
 
 
-@dataclass
+def _no_tokens(seq: Seq) -> Sequence[int]:
+    raise RuntimeError("caches are on but the scheduler was given no way to read token ids")
+
+
 class Scheduler:
-    max_prefill_tokens: int
-    max_running_seqs: int
-    max_batches_in_flight: int = 2
-    max_queued_tokens: int | None = None  # admission limit on waiting tokens; None = unbounded
-    queue: FcfsQueue = field(default_factory=FcfsQueue)
-    _requests: dict[str, _RequestState] = field(default_factory=dict)
-    _in_flight: dict[int, _InFlight] = field(default_factory=dict)
-    _pending_drops: list[str] = field(default_factory=list)
-    _next_batch_id: int = 0
+    def __init__(
+        self,
+        max_prefill_tokens: int,
+        max_running_seqs: int,
+        max_batches_in_flight: int = 2,
+        max_queued_tokens: int | None = None,
+        caches: CacheConfig | None = None,
+        read_tokens: Callable[[Seq], Sequence[int]] = _no_tokens,
+    ):
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_running_seqs = max_running_seqs
+        self.max_batches_in_flight = max_batches_in_flight
+        self.max_queued_tokens = max_queued_tokens  # admission limit on waiting tokens; None = unbounded
+        self.caches = CachePlanner(caches or CacheConfig(), read_tokens)
+        self.queue = FcfsQueue()
+        self._requests: dict[str, _RequestState] = {}
+        self._in_flight: dict[int, _InFlight] = {}
+        self._pending_drops: list[str] = []
+        self._next_batch_id = 0
 
     @property
     def max_total_num_tokens(self) -> int:
-        """Tokens the executor may hold at once: every batch in flight at its full budget."""
+        """The KV pool's size, or (no pool) the tokens of every batch in flight at full budget."""
+        if self.caches.pool is not None:
+            return self.caches.pool.total
         return self.max_prefill_tokens * self.max_batches_in_flight
 
     @property
     def running_seqs(self) -> int:
-        return sum(len(b.seqs) for b in self._in_flight.values())
+        return sum(len(b.planned) for b in self._in_flight.values())
 
     @property
     def running_tokens(self) -> int:
+        if self.caches.pool is not None:
+            return self.caches.used_tokens()
         return sum(b.tokens for b in self._in_flight.values())
 
     @property
@@ -97,7 +119,10 @@ class Scheduler:
         if state is None or state.aborted:
             return []
         state.aborted = True
-        state.unfinished -= self.queue.remove_request(rid)
+        removed = self.queue.remove_request(rid)
+        for seq in removed:
+            self.caches.release_seq(seq)
+        state.unfinished -= len(removed)
         if state.meta_sent:
             self._pending_drops.append(rid)
         return self._retire_if_done(rid, state)
@@ -106,54 +131,78 @@ class Scheduler:
         if not self.can_schedule:
             return None
         running_before = self.running_seqs
-        seqs, tokens = self._take_from_queue()
+        planned = self._take_from_queue()
+        if not planned:
+            return None  # the head waits for KV slots held by batches in flight
         batch_id = self._next_batch_id
         self._next_batch_id += 1
-        self._in_flight[batch_id] = _InFlight(seqs, tokens)
-        batch = ForwardBatch(batch_id=batch_id, seqs=[], new_requests=[], dropped=self.take_drops())
-        for seq in seqs:
-            state = self._requests[seq.rid]
+        computed = sum(p.ref.length for p in planned)
+        self._in_flight[batch_id] = _InFlight(planned, computed)
+        batch = ForwardBatch(
+            batch_id=batch_id,
+            seqs=[p.ref for p in planned],
+            new_requests=[],
+            dropped=self.take_drops(),
+            kv=_kv_plan(planned),
+        )
+        for plan in planned:
+            state = self._requests[plan.seq.rid]
             state.in_flight += 1
             if not state.meta_sent:
                 state.meta_sent = True
                 batch.new_requests.append(state.meta)
-            batch.seqs.append(SeqRef(seq.rid, seq.index, seq.tokens, seq.start, seq.length))
         stats = BatchStats(
-            new_seqs=len(seqs),
-            new_tokens=tokens,
-            cached_tokens=0,
+            new_seqs=len(planned),
+            new_tokens=computed,
+            cached_tokens=sum(p.ref.cached for p in planned if p.ref.final),
             token_usage=self.running_tokens / self.max_total_num_tokens,
             running_seqs=running_before,
             queued_seqs=len(self.queue),
-            queue_waits=[now - seq.enqueued_at for seq in seqs],
+            queue_waits=[now - p.seq.enqueued_at for p in planned],
         )
         return batch, stats
 
-    def _take_from_queue(self) -> tuple[list[Seq], int]:
-        seqs: list[Seq] = []
-        tokens = 0
-        while (head := self.queue.peek()) is not None and len(seqs) < self.max_running_seqs:
-            # NOTE: a sequence longer than the whole budget still runs, alone, rather than wait forever.
-            if seqs and tokens + head.length > self.max_prefill_tokens:
+    def _take_from_queue(self) -> list[Planned]:
+        planned: list[Planned] = []
+        budget = self.max_prefill_tokens
+        while (head := self.queue.peek()) is not None and len(planned) < self.max_running_seqs:
+            # NOTE: the first input of a batch has no budget: one longer than the budget still runs.
+            plan = self.caches.plan(head, budget if planned else None)
+            if plan is None:
                 break
-            seqs.append(self.queue.pop())
-            tokens += head.length
-        return seqs, tokens
+            self.queue.pop()
+            planned.append(plan)
+            budget -= plan.ref.length
+            if budget <= 0:
+                break
+        return planned
 
-    def finish_batch(self, batch_id: int) -> list[RingRef]:
+    def finish_batch(self, batch_id: int, ok: bool = True) -> list[RingRef]:
         """The executor is done with a batch; returns token blocks no longer needed by anyone."""
         batch = self._in_flight.pop(batch_id, None)
         if batch is None:
             return []
         released: list[RingRef] = []
-        for seq in batch.seqs:
-            state = self._requests.get(seq.rid)
+        for plan in batch.planned:
+            state = self._requests.get(plan.seq.rid)
+            keep_going = ok and not plan.ref.final and state is not None and not state.aborted
+            self.caches.finish(plan, ok, keep_going)
             if state is None:
                 continue
             state.in_flight -= 1
+            if keep_going:
+                self.queue.push_front(plan.seq)  # its next chunk goes first
+                continue
             state.unfinished -= 1
-            released += self._retire_if_done(seq.rid, state)
+            released += self._retire_if_done(plan.seq.rid, state)
         return released
+
+    def flush(self) -> bool:
+        """Drop every cached prefix and embedding; refused (False) unless nothing is queued or running."""
+        if not self.idle:
+            return False
+        self.caches.flush()
+        return True
 
     def take_drops(self) -> list[str]:
         """Rids the output process must forget; they ride on the next message to the executor."""
@@ -172,3 +221,28 @@ class Scheduler:
         assert in_flight <= self.running_seqs, "a request counts more in-flight sequences than batches hold"
         for rid, state in self._requests.items():
             assert state.unfinished >= state.in_flight >= 0, f"request {rid} counts drifted"
+        # NOTE: without a radix tree, a chunked input's earlier pages are held by it, not cached.
+        keeps_prefix = self.caches.radix is None
+        held = [
+            page
+            for b in self._in_flight.values()
+            for plan in b.planned
+            for page in plan.new_pages + (plan.prefix_pages if keeps_prefix else [])
+        ]
+        held += [page for seq in self.queue for page in seq.held_pages]
+        self.caches.check_integrity(held)
+
+
+def _kv_plan(planned: list[Planned]) -> KvPlan | None:
+    computed = [p for p in planned if p.ref.length > 0]
+    if not computed or not computed[0].uses_kv:
+        return None
+    return KvPlan(
+        prefix_lens=[len(p.prefix_pages) for p in computed],
+        prefix_slots=_int32_bytes(page for p in computed for page in p.prefix_pages),
+        new_slots=_int32_bytes(page for p in computed for page in p.new_pages),
+    )
+
+
+def _int32_bytes(values: Iterable[int]) -> bytes:
+    return array("i", values).tobytes()

@@ -21,6 +21,7 @@ from embedserve.ipc.zmq_queue import ZmqPull, ZmqPush
 from embedserve.messages import (
     AbortRequest,
     EmbedRequest,
+    FlushCache,
     RequestFailed,
     RingRef,
     SchedulerInput,
@@ -73,6 +74,9 @@ class TokenizerWorker:
                 self._submit(request, _split_token_ids(request), started)
         for rid in aborted:
             self.to_scheduler.send(AbortRequest(rid=rid))
+        for msg in msgs:
+            if isinstance(msg, FlushCache):  # passes through, in order behind the requests before it
+                self.to_scheduler.send(msg)
 
     def _submit(
         self, request: EmbedRequest, inputs: list[list[int]] | list[np.ndarray], started: float
