@@ -26,13 +26,15 @@ def free_port() -> int:
 
 
 class LaunchedServer:
-    def __init__(self, *extra_args: str, timeout: float = 180.0):
+    def __init__(self, *extra_args: str, timeout: float = 180.0, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkdtemp(prefix="embedserve-test-")) / "server.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, "-m", "embedserve.launch", "--port", str(self.port), *extra_args]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         self._wait_ready(timeout)
         self.children = psutil.Process(self.proc.pid).children(recursive=True)
 
