@@ -55,6 +55,12 @@ class ServerArgs:
     device: str = _opt(
         "auto", "Where the model runs. auto = cuda when available, else cpu.", choices=["auto", "cpu", "cuda"]
     )
+    attention_backend: str = _opt(
+        "auto",
+        "Attention kernels. auto = flashinfer on CUDA when it imports, else triton on CUDA, else torch "
+        "(SDPA over packed sequences; the CPU path).",
+        choices=["auto", "flashinfer", "triton", "torch"],
+    )
     context_length: int | None = _opt(
         None,
         "Longest input in tokens. Default: max_seq_length of the model's sentence-transformers "
