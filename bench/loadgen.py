@@ -44,6 +44,9 @@ class LoadConfig:
     encoding_format: str = "float"
     timeout: float = 60.0  # seconds per request; also bounds how long the run outlives `duration`
     max_requests: int = 1_000_000
+    extra_body: tuple[
+        tuple[str, object], ...
+    ] = ()  # fields another server needs (vLLM: truncate_prompt_tokens)
 
 
 @dataclass
@@ -97,7 +100,12 @@ def _batches(texts: list[str], tokens: list[int], per_request: int) -> Iterator[
 
 async def _post(http: httpx.AsyncClient, cfg: LoadConfig, inputs: list[str]) -> str:
     """One request; returns "ok", the HTTP status, "bad_response" or the exception's name."""
-    body = {"model": cfg.model, "input": inputs, "encoding_format": cfg.encoding_format}
+    body = {
+        "model": cfg.model,
+        "input": inputs,
+        "encoding_format": cfg.encoding_format,
+        **dict(cfg.extra_body),
+    }
     try:
         resp = await http.post("/v1/embeddings", json=body)
     except httpx.HTTPError as exc:

@@ -29,3 +29,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def launch():
+    """Start servers inside a test; each is stopped at teardown even when the test failed half-way."""
+    from launched_server import LaunchedServer
+
+    servers = []
+
+    def start(*args, **kwargs):
+        server = LaunchedServer(*args, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+        server.kill_strays()

@@ -28,8 +28,8 @@ def assert_all_gone(server: LaunchedServer, ipc_dir: str) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_every_process_and_removes_segments(sig):
-    server = LaunchedServer()
+def test_signal_stops_every_process_and_removes_segments(sig, launch):
+    server = launch()
     titles = sorted(p.cmdline()[0] for p in server.children if p.cmdline()[0].startswith("embedserve::"))
     assert titles == sorted(f"embedserve::{t}" for t in TITLES)
     ipc_dir = server.ipc_dir
@@ -42,8 +42,8 @@ def test_signal_stops_every_process_and_removes_segments(sig):
 
 
 @pytest.mark.parametrize("victim", TITLES)
-def test_killed_child_takes_the_server_down(victim):
-    server = LaunchedServer()
+def test_killed_child_takes_the_server_down(victim, launch):
+    server = launch()
     ipc_dir = server.ipc_dir
     server.child(victim).kill()
     started = time.monotonic()

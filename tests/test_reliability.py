@@ -143,8 +143,8 @@ def test_disconnected_client_has_its_work_skipped(plain):
     assert scheduled_tokens(plain, since) < 6 * 40 * 245 / 2, "abandoned requests were still computed"
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0():
-    server = LaunchedServer("--shutdown-timeout", "60")
+def test_sigterm_drains_in_flight_requests_then_exits_0(launch):
+    server = launch("--shutdown-timeout", "60")
     outcome: dict[str, int] = {}
 
     def heavy() -> None:
