@@ -64,7 +64,10 @@ def lay_out_hf_cache(cache: str, repo_id: str, source) -> None:
 
 def test_a_hugging_face_id_resolves_from_the_local_cache_offline(bundled_model_path, tmp_path, monkeypatch):
     lay_out_hf_cache(str(tmp_path / "hub"), "acme/tiny-embedder", bundled_model_path)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants
+
+    # NOTE: huggingface_hub reads HF_HUB_CACHE when first imported, which another test may have done.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = resolve_model_folder("acme/tiny-embedder")
     assert folder.endswith("0123456789abcdef0123456789abcdef01234567")

@@ -102,10 +102,15 @@ def test_first_scrape_is_complete_before_any_request():
 def test_every_dashboard_query_returns_data(server, prometheus):
     assert requests.post(f"{server.url}/v1/embeddings", json={"input": ""}, timeout=10).status_code == 400
     deadline = time.monotonic() + 8
+    round_ = 0
     while time.monotonic() < deadline:  # steady load, some of it concurrent so batches vary
+        round_ += 1
         threads = [
-            threading.Thread(target=server.post, args=("/v1/embeddings", {"input": [PASSAGE] * 4}))
-            for _ in range(4)
+            threading.Thread(
+                target=server.post,
+                args=("/v1/embeddings", {"input": [f"{round_} {k} {i} {PASSAGE}" for i in range(4)]}),
+            )
+            for k in range(4)
         ]
         for t in threads:
             t.start()
@@ -134,9 +139,12 @@ def test_queue_depth_rises_under_a_burst_and_returns_to_zero(server):
 
     watcher = threading.Thread(target=watch)
     watcher.start()
+    # NOTE: distinct inputs: identical ones would be answered by the whole-input cache, queueing nothing.
     burst = [
-        threading.Thread(target=server.post, args=("/v1/embeddings", {"input": [PASSAGE] * 32}))
-        for _ in range(6)
+        threading.Thread(
+            target=server.post, args=("/v1/embeddings", {"input": [f"{k} {i} {PASSAGE}" for i in range(32)]})
+        )
+        for k in range(6)
     ]
     for t in burst:
         t.start()

@@ -23,6 +23,11 @@ FAIL_TOKEN = 1999  # the executor fails any batch holding this token (EMBEDSERVE
 PASSAGE = "retrieval augmented generation needs fast embeddings " * 27  # 245 tokens, under the 256 limit
 
 
+def passages(n: int, tag: str = "") -> list[str]:
+    """n distinct ~245-token inputs: identical ones would be answered by the whole-input cache."""
+    return [f"{tag} {i} " + PASSAGE[: -len(f"{tag} {i} ")] for i in range(n)]
+
+
 @pytest.fixture(scope="module")
 def limited():
     os.environ["EMBEDSERVE_TEST_FAIL_TOKEN_ID"] = str(FAIL_TOKEN)
@@ -66,7 +71,7 @@ def test_body_over_the_byte_limit_is_413(limited):
 
 
 def test_too_many_tokens_in_one_request_is_400_naming_the_limit(limited):
-    error = assert_openai_error(limited.post("/v1/embeddings", {"input": [PASSAGE] * 250}), 400)
+    error = assert_openai_error(limited.post("/v1/embeddings", {"input": passages(250, "limit")}), 400)
     assert "60000" in error["message"] and "--max-request-tokens" in error["message"]
     assert healthy(limited)
 
@@ -87,7 +92,7 @@ def serves_again(server: LaunchedServer, within: float = 60.0) -> bool:
 
 def test_request_timeout_is_504_and_its_queued_work_is_dropped(limited):
     since = len(limited.log())
-    error = assert_openai_error(limited.post("/v1/embeddings", {"input": [PASSAGE] * 240}), 504)
+    error = assert_openai_error(limited.post("/v1/embeddings", {"input": passages(240, "timeout")}), 504)
     assert error["code"] == "request_timeout"
     assert serves_again(limited)
     assert scheduled_tokens(limited, since) < 240 * 245 / 2, "the timed-out request kept being computed"
@@ -124,10 +129,12 @@ def test_overload_answers_every_request_with_200_in_full_or_429(small_queue):
 
 
 def test_disconnected_client_has_its_work_skipped(plain):
-    body = json.dumps({"input": [PASSAGE] * 40}).encode()  # 6 x 9,800 tokens: many seconds of work
+    bodies = [
+        json.dumps({"input": passages(40, f"gone{k}")}).encode() for k in range(6)
+    ]  # many seconds of work
     since = len(plain.log())
     socks = []
-    for _ in range(6):  # several heavy requests, then every client hangs up
+    for body in bodies:  # several heavy requests, then every client hangs up
         s = socket.create_connection(("127.0.0.1", plain.port))
         s.sendall(
             b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -148,7 +155,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(launch):
     outcome: dict[str, int] = {}
 
     def heavy() -> None:
-        outcome["heavy"] = server.post("/v1/embeddings", {"input": [PASSAGE] * 60}).status_code
+        outcome["heavy"] = server.post("/v1/embeddings", {"input": passages(60, "drain")}).status_code
 
     worker = threading.Thread(target=heavy)
     worker.start()
