@@ -43,113 +43,60 @@ class ServerMetrics:
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        r, m = self.registry, ["model_name"]
+        self._series: list = []  # metrics labelled by model_name alone: created at start-up
         self.requests = Counter(
             "embedserve_requests",
             "HTTP requests by endpoint and status code.",
-            [*m, "endpoint", "status"],
-            registry=r,
+            ["model_name", "endpoint", "status"],
+            registry=self.registry,
         )
         self.request_latency = Histogram(
-            "embedserve_request_latency_seconds",
-            "End-to-end latency of embedding requests, as the HTTP server sees it.",
-            [*m, "endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            "embedserve_request_latency_seconds", "End-to-end latency of embedding requests, as HTTP sees it.",
+            ["model_name", "endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.inputs_per_request = self._histogram("inputs_per_request", "Inputs in each accepted request.")
+        self.prompt_tokens = self._counter("prompt_tokens", "Prompt tokens of answered requests.")
+        self.cached_tokens = self._counter("cached_tokens", "Prompt tokens answered from a cache.")
+        self.cache_hit_ratio = self._gauge("cache_hit_ratio", "Cached tokens / prompt tokens since start.")
+        self.in_flight = self._gauge("in_flight_requests", "Requests accepted and not yet answered.")
+        self.queue_sequences = self._gauge("queue_sequences", "Inputs waiting for the model.")
+        self.queue_tokens = self._gauge("queue_tokens", "Tokens waiting for the model.")
+        self.running_sequences = self._gauge("running_sequences", "Inputs at the model executor.")
+        self.used_tokens = self._gauge("used_tokens", "Tokens held by the model executor.")
+        self.max_total_tokens = self._gauge("max_total_tokens", "Tokens the executor may hold at once.")
+        self.token_usage = self._gauge("token_usage_ratio", "used_tokens / max_total_tokens.")
+        self.batch_sequences = self._histogram("batch_size_sequences", "Inputs in each forward batch.")
+        self.batch_tokens = self._histogram("batch_size_tokens", "Tokens in each forward batch.")
+        self.queue_wait = self._histogram(
+            "queue_wait_seconds", "Time an input waited for its batch.", LATENCY_BUCKETS
         )
-        self.inputs_per_request = Histogram(
-            "embedserve_inputs_per_request",
-            "Inputs in each accepted request.",
-            m,
-            buckets=POWERS_OF_TWO,
-            registry=r,
+        self.tokenize_time = self._histogram(
+            "tokenize_seconds", "Tokenizer time per request.", LATENCY_BUCKETS
         )
-        self.prompt_tokens = Counter(
-            "embedserve_prompt_tokens", "Prompt tokens of answered requests.", m, registry=r
-        )
-        self.cached_tokens = Counter(
-            "embedserve_cached_tokens", "Prompt tokens answered from a cache.", m, registry=r
-        )
-        self.cache_hit_ratio = Gauge(
-            "embedserve_cache_hit_ratio", "Cached tokens / prompt tokens since start.", m, registry=r
-        )
-        self.in_flight = Gauge(
-            "embedserve_in_flight_requests", "Requests accepted and not yet answered.", m, registry=r
-        )
-        self.queue_sequences = Gauge(
-            "embedserve_queue_sequences", "Inputs waiting for the model.", m, registry=r
-        )
-        self.queue_tokens = Gauge("embedserve_queue_tokens", "Tokens waiting for the model.", m, registry=r)
-        self.running_sequences = Gauge(
-            "embedserve_running_sequences", "Inputs at the model executor.", m, registry=r
-        )
-        self.used_tokens = Gauge(
-            "embedserve_used_tokens", "Tokens held by the model executor.", m, registry=r
-        )
-        self.max_total_tokens = Gauge(
-            "embedserve_max_total_tokens", "Tokens the executor may hold at once.", m, registry=r
-        )
-        self.token_usage = Gauge(
-            "embedserve_token_usage_ratio", "used_tokens / max_total_tokens.", m, registry=r
-        )
-        self.batch_sequences = Histogram(
-            "embedserve_batch_size_sequences",
-            "Inputs in each forward batch.",
-            m,
-            buckets=POWERS_OF_TWO,
-            registry=r,
-        )
-        self.batch_tokens = Histogram(
-            "embedserve_batch_size_tokens",
-            "Tokens in each forward batch.",
-            m,
-            buckets=POWERS_OF_TWO,
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "embedserve_queue_wait_seconds",
-            "Time an input waited for its batch.",
-            m,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.tokenize_time = Histogram(
-            "embedserve_tokenize_seconds",
-            "Tokenizer time per request.",
-            m,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.forward_time = Histogram(
-            "embedserve_forward_seconds",
-            "Model forward time per batch.",
-            m,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.forward_time = self._histogram(
+            "forward_seconds", "Model forward time per batch.", LATENCY_BUCKETS
         )
         self._prompt_total = 0
         self._cached_total = 0
         self._touch_every_series()
 
+    def _counter(self, name: str, doc: str) -> Counter:
+        return self._keep(Counter(f"embedserve_{name}", doc, ["model_name"], registry=self.registry))
+
+    def _gauge(self, name: str, doc: str) -> Gauge:
+        return self._keep(Gauge(f"embedserve_{name}", doc, ["model_name"], registry=self.registry))
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...] = POWERS_OF_TWO) -> Histogram:
+        return self._keep(
+            Histogram(f"embedserve_{name}", doc, ["model_name"], buckets=buckets, registry=self.registry)
+        )
+
+    def _keep(self, metric):  # any of the three metric types
+        self._series.append(metric)
+        return metric
+
     def _touch_every_series(self) -> None:
-        for metric in (
-            self.inputs_per_request,
-            self.prompt_tokens,
-            self.cached_tokens,
-            self.cache_hit_ratio,
-            self.in_flight,
-            self.queue_sequences,
-            self.queue_tokens,
-            self.running_sequences,
-            self.used_tokens,
-            self.max_total_tokens,
-            self.token_usage,
-            self.batch_sequences,
-            self.batch_tokens,
-            self.queue_wait,
-            self.tokenize_time,
-            self.forward_time,
-        ):
+        for metric in self._series:
             metric.labels(self.model_name)
         for endpoint in ("/v1/embeddings", "/encode"):
             self.request_latency.labels(self.model_name, endpoint)
