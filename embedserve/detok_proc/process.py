@@ -15,6 +15,7 @@ import zmq
 
 from embedserve.detok_proc.response_builder import BODY_BUILDERS
 from embedserve.ipc.child import child_process
+from embedserve.ipc.heap import release_free_memory
 from embedserve.ipc.ports import PortArgs
 from embedserve.ipc.shm_ring import ShmRing
 from embedserve.ipc.zmq_queue import ZmqPull, ZmqPush
@@ -70,6 +71,7 @@ class OutputWorker:
         else:
             self._collect(msg.rows, msg.row_cached, msg.embeddings, msg.dim)
         self.on_drop(DropRequests(rids=msg.dropped))
+        release_free_memory()
 
     def _collect(self, rows: list[tuple[str, int]], row_cached: list[int], ref: RingRef, dim: int) -> None:
         block = np.frombuffer(self.embedding_ring.view(ref.offset, ref.nbytes), dtype="<f4")

@@ -18,6 +18,7 @@ import zmq
 from embedserve.gpu_proc.embedding_table import EmbeddingTable
 from embedserve.gpu_proc.kv_pool_size import kv_pool_tokens
 from embedserve.ipc.child import child_process
+from embedserve.ipc.heap import release_free_memory
 from embedserve.ipc.ports import PortArgs
 from embedserve.ipc.shm_ring import ShmRing
 from embedserve.ipc.zmq_queue import ZmqPull, ZmqPush
@@ -45,7 +46,11 @@ class ExecutorWorker:
 
         config = model_config_from_args(args)
         self.runner = ModelRunner(
-            config, device=args.device, dtype=args.dtype, num_threads=args.executor_threads
+            config,
+            device=args.device,
+            dtype=args.dtype,
+            num_threads=args.executor_threads,
+            attention_backend=args.attention_backend,
         )
         if self.runner.supports_kv_cache and args.max_total_tokens != 0:
             self.runner.allocate_kv_pool(
@@ -98,6 +103,7 @@ class ExecutorWorker:
                 batch_id=batch.batch_id, forward_seconds=time.perf_counter() - started, failed_rids=failed
             )
         )
+        release_free_memory()  # after "done", so the scheduler is not kept waiting
 
     def _embed(self, batch: ForwardBatch, finals: list[SeqRef]) -> np.ndarray:
         """Rows of the batch's final inputs: computed, or read from the whole-input cache on a hit."""
