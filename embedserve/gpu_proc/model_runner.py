@@ -38,7 +38,14 @@ _GIB = 1 << 30  # NOTE: sizes are logged in GiB and labelled "GB", as SGLang's l
 class ModelRunner:
     """The model of one executor process: `embed(token ids, lengths) -> float32 [num_seqs, hidden]`."""
 
-    def __init__(self, config: ModelConfig, device: str, dtype: str, num_threads: int | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        device: str,
+        dtype: str,
+        num_threads: int | None = None,
+        attention_backend: str = "auto",
+    ):
         if device == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
         self.config = config
@@ -47,9 +54,12 @@ class ModelRunner:
         self.hidden_size = config.hidden_size
         self.model = _load_model(config, self.device, self.torch_dtype)
         _check_attention_window(self.model, config.context_length)
-        self.attention_backend = get_attention_backend("torch")
         self.pooler = Pooler(config.pooling, config.normalize)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.attention_backend = get_attention_backend(
+            attention_backend, self.device, self.torch_dtype, self.attention_layers
+        )
+        logger.info("Attention backend: %s", self.attention_backend.name)
         self.kv_pool_tokens = 0
 
     @property

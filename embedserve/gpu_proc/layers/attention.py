@@ -13,16 +13,22 @@ ones: every layer writes their K/V into the pool rows `new_slots` and they atten
 the sequence's cached prefix (pool rows `prefix_slots`, page size 1) followed by themselves:
 
     sequence b sees:  | pool[prefix slot 0] .. pool[prefix slot p-1] | new 0 .. new i |   (p = prefix_lens[b])
+
+Backends (`get_attention_backend`): `torch` (SDPA per sequence; the CPU path and the reference),
+`triton` (`attention_triton.py`: the extend-attention kernel, one launch per layer) and `flashinfer`
+(`attention_flashinfer.py`: FlashInfer's ragged / paged prefill, planned once per batch).
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedserve.kernels import extend_attention
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +63,7 @@ class KvContext:
     prefix_lens: torch.Tensor  # int32 [B]
     page_table: torch.Tensor  # int32 [B, max(prefix_lens)]: b's prefix slots, then 0s that are never read
     new_slots: torch.Tensor  # int64 [T]
+    host: KvBatch  # the same batch on the host, for backends that plan on the CPU without a device sync
 
     @classmethod
     def from_batch(cls, kv: KvBatch, device: torch.device | str) -> KvContext:
@@ -67,6 +76,7 @@ class KvContext:
             prefix_lens=torch.from_numpy(lens).to(device),
             page_table=torch.from_numpy(table).to(device),
             new_slots=torch.from_numpy(np.array(kv.new_slots, dtype=np.int64)).to(device),
+            host=kv,
         )
 
 
@@ -89,8 +99,32 @@ class ForwardContext:
         return sum(self.seq_lens)
 
 
+class AttentionBackendUnavailable(ValueError):
+    """The backend asked for cannot run on this device, dtype or model; the message says why."""
+
+
 class AttentionBackend(ABC):
-    """Computes attention for every sequence of a packed batch; one instance serves all layers."""
+    """Computes attention for every sequence of a packed batch; one instance serves all layers.
+
+    NOTE: one batch at a time: `plan` may keep per-batch state on the instance (FlashInfer's wrappers).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
+    @classmethod
+    def unavailable(cls, device: torch.device, dtype: torch.dtype | None) -> str | None:
+        """Why this backend cannot run on `device` in `dtype` (None: unknown yet), or None if it can."""
+        return None
+
+    def configure(self, layers: Sequence[Attention], dtype: torch.dtype) -> None:
+        """Called once, before any batch, with the model's attention layers and dtype.
+
+        Raises `AttentionBackendUnavailable` where the backend cannot serve this model.
+        """
+        return None
 
     def plan(self, ctx: ForwardContext) -> Any:
         """Per-batch work that does not depend on the layer (index tensors, kernel plans)."""
@@ -197,6 +231,8 @@ class TorchAttention(AttentionBackend):
     with contiguous copies, and ~100 ms padded to the longest sequence with a mask. Slices need no copy.
     """
 
+    name = "torch"
+
     def plan(self, ctx: ForwardContext) -> list[tuple[int, int]]:
         # NOTE: from the host copy of the lengths: reading cu_seqlens back would sync with the device.
         return list(itertools.pairwise(itertools.accumulate(ctx.seq_lens, initial=0)))
@@ -227,10 +263,52 @@ class TorchAttention(AttentionBackend):
         )  # fmt: skip
 
 
-ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttention}
+# name -> "module:class". NOTE: by path, not by class: the GPU backends' modules import this one.
+ATTENTION_BACKENDS: dict[str, str] = {
+    "torch": f"{__name__}:TorchAttention",
+    "triton": "embedserve.gpu_proc.layers.attention_triton:TritonAttention",
+    "flashinfer": "embedserve.gpu_proc.layers.attention_flashinfer:FlashInferAttention",
+}
+# What `auto` tries on CUDA, in order, before torch. Off CUDA it is torch: the Triton interpreter is
+# for tests only.
+AUTO_ON_CUDA = ("flashinfer", "triton")
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
+def get_attention_backend(
+    name: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    layers: Sequence[Attention] = (),
+) -> AttentionBackend:
+    """The backend `name` (or `auto`'s pick) for `device`, configured for `layers` when given.
+
+    auto: flashinfer on CUDA when it imports and serves this model, else triton on CUDA when it
+    imports, else torch. An explicit name that cannot run here raises `AttentionBackendUnavailable`.
+    """
+    device = torch.device(device)
+    if name != "auto":
+        return _build(name, device, dtype, layers)
+    for candidate in AUTO_ON_CUDA if device.type == "cuda" else ():
+        try:
+            return _build(candidate, device, dtype, layers)
+        except AttentionBackendUnavailable as exc:
+            logger.info("Attention backend %s skipped: %s", candidate, exc)
+    return _build("torch", device, dtype, layers)
+
+
+def _build(
+    name: str, device: torch.device, dtype: torch.dtype | None, layers: Sequence[Attention]
+) -> AttentionBackend:
     if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(ATTENTION_BACKENDS)}")
-    return ATTENTION_BACKENDS[name]()
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose auto or one of {sorted(ATTENTION_BACKENDS)}"
+        )
+    module, _, cls_name = ATTENTION_BACKENDS[name].partition(":")
+    cls: type[AttentionBackend] = getattr(importlib.import_module(module), cls_name)
+    reason = cls.unavailable(device, dtype)
+    if reason is not None:
+        raise AttentionBackendUnavailable(f"attention backend {name!r} cannot run here: {reason}")
+    backend = cls(device)
+    if layers:
+        backend.configure(layers, dtype if dtype is not None else torch.get_default_dtype())
+    return backend
