@@ -148,7 +148,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 def run_embedserve(a: argparse.Namespace, texts: list[str], tokens: list[int], log_path: Path) -> Summary:
     port = free_port()
-    cmd = server_command(port, a.model_path, a.dtype)
+    cmd = server_command(port, a.model_path, a.dtype) + a.server_args.split()
     print(f"starting {' '.join(cmd)}\n  log: {log_path}", file=sys.stderr)
     with running_server(cmd, port, log_path, a.ready_timeout) as url:
         cfg = LoadConfig(
@@ -264,6 +264,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="given to the server and to sentence-transformers alike",
     )
     add_load_args(p)
+    p.add_argument(
+        "--server-args",
+        default="--embedding-cache-size 0",
+        help="extra server flags; the default turns the whole-input cache off, because the corpus repeats "
+        "and a cache hit is not a forward (pass '' to measure with the cache)",
+    )
     p.add_argument("--st-chunk", type=int, default=128, help="texts per sentence-transformers encode() call")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /health")
     p.add_argument("--no-progress", action="store_true")
