@@ -6,7 +6,6 @@ from sentence-transformers or plain math, never from our own model.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -17,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from texts import mixed_texts
+from tiny_models import TOKENIZER_FILES, write_sentence_transformers_files
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from embedserve.gpu_proc.layers.attention import (
@@ -29,8 +29,6 @@ from embedserve.gpu_proc.model_runner import ModelRunner
 from embedserve.gpu_proc.models.registry import get_model_class
 from embedserve.gpu_proc.weight_loader import WeightLoadError
 from embedserve.model_config import load_model_config
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -108,40 +106,13 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, bundled_model_path: Path
         if (pooling, normalize) not in built:
             folder = tmp_path_factory.mktemp(f"tiny_bert_{pooling}_{normalize}")
             model.save_pretrained(folder)
-            for name in _TOKENIZER_FILES:
+            for name in TOKENIZER_FILES:
                 shutil.copy(Path(bundled_model_path) / name, folder / name)
-            _write_sentence_transformers_files(folder, config.hidden_size, pooling, normalize)
+            write_sentence_transformers_files(folder, config.hidden_size, pooling, normalize)
             built[(pooling, normalize)] = folder
         return built[(pooling, normalize)]
 
     return build
-
-
-def _write_sentence_transformers_files(folder: Path, dim: int, pooling: str, normalize: bool) -> None:
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    if normalize:
-        modules.append(
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
-        )
-    (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256}))
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(
-        json.dumps(
-            {
-                "word_embedding_dimension": dim,
-                "pooling_mode_cls_token": pooling == "cls",
-                "pooling_mode_mean_tokens": pooling == "mean",
-                "pooling_mode_lasttoken": pooling == "last",
-            }
-        )
-    )
-
-
-# --- the bundled all-MiniLM-L6-v2 -------------------------------------------------------------------
 
 
 def test_minilm_batch_matches_sentence_transformers(minilm_batched, minilm_reference, tokens):
