@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=40.0)
     p.add_argument("--warmup", type=float, default=10.0)
     p.add_argument("--corpus", type=int, default=2000)
+    p.add_argument(
+        "--server-args",
+        default="--embedding-cache-size 0",
+        help="extra embedserve flags; its whole-input cache is off by default: the corpus repeats and vLLM has no such cache",
+    )
     a = p.parse_args(argv)
     tok = load_tokenizer(a.model_path)
     texts = make_corpus(a.corpus, seed=0, tokenizer_path=a.model_path)
@@ -112,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
             vllm = drive(url, clients, per_request, a, texts, tokens, (("truncate_prompt_tokens", 256),))
         port = free_port()
         with running_server(
-            server_command(port, a.model_path, a.dtype), port, RESULTS / f"embedserve-{stamp}.log", 300
+            server_command(port, a.model_path, a.dtype) + a.server_args.split(),
+            port,
+            RESULTS / f"embedserve-{stamp}.log",
+            300,
         ) as url:
             ours = drive(url, clients, per_request, a, texts, tokens)
         rows.append((clients, per_request, vllm, ours))
