@@ -83,10 +83,15 @@ def with_kv_pool(args: ServerArgs, model: ModelConfig, kv_pool_tokens: int) -> S
     )
 
 
+def local_url(args: ServerArgs, path: str) -> str:
+    """The server's own address as the launcher reaches it: a wildcard bind is asked on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
+    return f"http://{'[' + host + ']' if ':' in host else host}:{args.port}{path}"
+
+
 def warm_up(args: ServerArgs, timeout: float = 300.0) -> None:
     """One request through HTTP, tokenizer, scheduler, executor and output, as the seed's server does."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{args.port}/encode"
+    url = local_url(args, "/encode")
     headers = {"Content-Type": "application/json"}
     if args.api_key:
         headers["Authorization"] = f"Bearer {args.api_key}"
@@ -239,8 +244,7 @@ class Supervisor:
         ctx.term()
 
     def _await_health(self, status: int, timeout: float = 10.0) -> None:
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.args.host, self.args.host)
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{self.args.port}/health"
+        url = local_url(self.args, "/health")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
