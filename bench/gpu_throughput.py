@@ -114,6 +114,9 @@ def run_server_phase(a: argparse.Namespace, texts: list[str], tokens: list[int],
     cmd = [
         *server_command(port, a.model_path, a.dtype),
         *("--attention-backend", a.attention_backend, "--tokenizer-path", bundled_model_path()),
+        # NOTE: the corpus repeats within the measured seconds; both caches off, or the server
+        # would answer repeats from memory and the figure would not be the model's throughput.
+        *("--embedding-cache-size", "0", "--disable-radix-cache"),
     ]
     print(f"starting {' '.join(cmd)}\n  log: {log}", file=sys.stderr)
     with running_server(cmd, port, log, a.ready_timeout) as url:

@@ -270,8 +270,9 @@ ATTENTION_BACKENDS: dict[str, str] = {
     "flashinfer": "embedserve.gpu_proc.layers.attention_flashinfer:FlashInferAttention",
 }
 # What `auto` tries on CUDA, in order, before torch. Off CUDA it is torch: the Triton interpreter is
-# for tests only.
-AUTO_ON_CUDA = ("flashinfer", "triton")
+# for tests only. NOTE: triton first: it is what ran the H200 figures in docs/benchmarks.md, while
+# FlashInfer without its JIT cache compiled kernels for minutes at start-up there; it stays a choice.
+AUTO_ON_CUDA = ("triton", "flashinfer")
 
 
 def get_attention_backend(
@@ -282,8 +283,8 @@ def get_attention_backend(
 ) -> AttentionBackend:
     """The backend `name` (or `auto`'s pick) for `device`, configured for `layers` when given.
 
-    auto: flashinfer on CUDA when it imports and serves this model, else triton on CUDA when it
-    imports, else torch. An explicit name that cannot run here raises `AttentionBackendUnavailable`.
+    auto: triton on CUDA when it imports and serves this model, else flashinfer on CUDA when it
+    does, else torch. An explicit name that cannot run here raises `AttentionBackendUnavailable`.
     """
     device = torch.device(device)
     if name != "auto":

@@ -21,6 +21,8 @@ CPU install has none.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,7 @@ from embedserve.gpu_proc.layers.attention import (
     ForwardContext,
 )
 
+logger = logging.getLogger(__name__)
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended split-k workspace
 # NOTE: the head sizes FlashInfer's FA2/FA3 prefill kernels are built and tested for (and that
 # flashinfer-jit-cache ships); other sizes go to triton rather than compiling an untested variant.
@@ -93,6 +96,13 @@ class FlashInferAttention(AttentionBackend):
         if dtype not in HALF_DTYPES:
             raise AttentionBackendUnavailable(_HALF_ONLY.format(dtype))
         self.shape = _Shape(heads, kv_heads, head_dim, scale, dtype)
+        # NOTE: without flashinfer-jit-cache the first run compiles the kernels with nvcc: on an H200
+        # (FlashInfer 0.6.1, CUDA 13) that took over two minutes, silent unless said here.
+        started = time.monotonic()
+        logger.info(
+            "FlashInfer: building its prefill kernels (the first start without flashinfer-jit-cache "
+            "compiles them with nvcc, which can take minutes)"
+        )
         try:
             self._warm_up()
         except Exception as exc:
@@ -100,6 +110,7 @@ class FlashInferAttention(AttentionBackend):
                 f"FlashInfer failed on a 2-token batch ({type(exc).__name__}: {exc}); it compiles its kernels "
                 "at first use, which needs nvcc (CUDA_HOME) or the flashinfer-jit-cache package"
             ) from exc
+        logger.info("FlashInfer: kernels ready in %.1f s", time.monotonic() - started)
 
     def plan(self, ctx: ForwardContext) -> Any:
         """Plans the batch's wrapper from host arrays (no device sync); every layer then runs it."""
