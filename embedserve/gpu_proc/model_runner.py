@@ -22,6 +22,8 @@ from embedserve.gpu_proc.layers.attention import (
     get_attention_backend,
     make_forward_context,
 )
+from embedserve.gpu_proc.layers.linear import Linear
+from embedserve.gpu_proc.layers.onednn import onednn_unavailable
 from embedserve.gpu_proc.layers.pooling import Pooler
 from embedserve.gpu_proc.models.registry import get_model_class
 from embedserve.gpu_proc.weight_loader import load_weights
@@ -53,6 +55,8 @@ class ModelRunner:
         self.torch_dtype = resolve_dtype(dtype, config.hf_config, device)
         self.hidden_size = config.hidden_size
         self.model = _load_model(config, self.device, self.torch_dtype)
+        if self.device.type == "cpu":
+            _pack_linears_for_cpu(self.model, self.torch_dtype)
         _check_attention_window(self.model, config.context_length)
         self.pooler = Pooler(config.pooling, config.normalize)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -149,6 +153,17 @@ def _load_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -
     size_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / _GIB
     logger.info("Load weight end. type=%s, dtype=%s, mem usage=%.2f GB.", config.architecture, dtype, size_gb)
     return model
+
+
+def _pack_linears_for_cpu(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    reason = onednn_unavailable(torch.device("cpu"), dtype)
+    if reason is not None:
+        logger.info("Linear layers run through F.linear: %s", reason)
+        return
+    for linear in linears:
+        linear.pack_for_cpu()
+    logger.info("Linear layers packed for oneDNN: %d", len(linears))
 
 
 def _to_empty(model: torch.nn.Module, device: torch.device) -> None:

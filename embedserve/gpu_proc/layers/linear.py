@@ -16,10 +16,45 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from embedserve.gpu_proc.layers.activation import get_activation
+from embedserve.gpu_proc.layers.onednn import FUSED_ACTIVATIONS, PackedWeight
 from embedserve.gpu_proc.weight_loader import set_packed_weight_loader
 
 
-class PackedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """`nn.Linear`, run on the CPU by a oneDNN-packed weight once `pack_for_cpu` has been called.
+
+    `forward_act` and `forward_add` are the fusions a model asks for by name; each is the same
+    arithmetic unfused where no packed weight exists (GPU, or a CPU without oneDNN).
+    """
+
+    packed: PackedWeight | None = None
+
+    def pack_for_cpu(self) -> None:
+        self.packed = PackedWeight.pack(self.weight, self.bias)
+        # NOTE: the plain weight is dropped: only the packed copy is read from now on, and keeping
+        # both would double the model's memory.
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.linear(x)
+        return super().forward(x)
+
+    def forward_act(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """activation(x @ W.T + b), `activation` a config.json `hidden_act` name."""
+        if self.packed is not None and activation in FUSED_ACTIVATIONS:
+            return self.packed.linear(x, activation)
+        return get_activation(activation)(self(x))
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x @ W.T + b + residual."""
+        if self.packed is not None:
+            return self.packed.linear_add(x, residual)
+        return self(x) + residual
+
+
+class PackedLinear(Linear):
     """`len(shard_sizes)` linears of the same input, computed as one; `split` cuts the output back."""
 
     def __init__(self, in_features: int, shard_sizes: Sequence[int], bias: bool):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from embedserve.gpu_proc.layers.activation import GatedActivation
-from embedserve.gpu_proc.layers.linear import PackedLinear
+from embedserve.gpu_proc.layers.linear import Linear, PackedLinear
 
 
 class GatedMLP(nn.Module):
@@ -16,7 +16,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = PackedLinear(hidden, [intermediate, intermediate], bias=bias)
         self.act = GatedActivation(act)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))

@@ -14,7 +14,7 @@ from torch import nn
 
 from embedserve.gpu_proc.layers.activation import get_activation
 from embedserve.gpu_proc.layers.attention import Attention
-from embedserve.gpu_proc.layers.linear import PackedLinear
+from embedserve.gpu_proc.layers.linear import Linear, PackedLinear
 
 
 class BertEmbeddings(nn.Module):
@@ -51,11 +51,11 @@ class BertAddNorm(nn.Module):
 
     def __init__(self, in_features: int, cfg: dict[str, Any]):
         super().__init__()
-        self.dense = nn.Linear(in_features, cfg["hidden_size"])
+        self.dense = Linear(in_features, cfg["hidden_size"])
         self.LayerNorm = nn.LayerNorm(cfg["hidden_size"], eps=cfg.get("layer_norm_eps", 1e-12))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+        return self.LayerNorm(self.dense.forward_add(x, residual))
 
 
 class BertAttention(nn.Module):
@@ -71,11 +71,12 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
-        self.dense = nn.Linear(cfg["hidden_size"], cfg["intermediate_size"])
-        self.act = get_activation(cfg.get("hidden_act", "gelu"))
+        self.dense = Linear(cfg["hidden_size"], cfg["intermediate_size"])
+        self.act = cfg.get("hidden_act", "gelu")
+        get_activation(self.act)  # NOTE: an unknown name fails here, at build, not in the first batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(x))
+        return self.dense.forward_act(x, self.act)
 
 
 class BertLayer(nn.Module):

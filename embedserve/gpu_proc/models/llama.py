@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from embedserve.gpu_proc.layers.attention import Attention
-from embedserve.gpu_proc.layers.linear import QKVLinear
+from embedserve.gpu_proc.layers.linear import Linear, QKVLinear
 from embedserve.gpu_proc.layers.mlp import GatedMLP
 from embedserve.gpu_proc.layers.norm import RMSNorm
 from embedserve.gpu_proc.layers.rotary import RotaryEmbedding
@@ -53,7 +53,7 @@ class DecoderAttention(nn.Module):
         hidden, heads, dim = cfg["hidden_size"], cfg["num_attention_heads"], head_dim(cfg)
         kv_heads = cfg.get("num_key_value_heads") or heads
         self.qkv_proj = QKVLinear(hidden, dim, heads, kv_heads, bias=opts.qkv_bias)
-        self.o_proj = nn.Linear(heads * dim, hidden, bias=opts.o_bias)
+        self.o_proj = Linear(heads * dim, hidden, bias=opts.o_bias)
         self.qk_norm = opts.qk_norm
         if opts.qk_norm:
             self.q_norm = RMSNorm(dim, cfg.get("rms_norm_eps", 1e-6))
