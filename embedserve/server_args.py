@@ -57,9 +57,10 @@ class ServerArgs:
     )
     attention_backend: str = _opt(
         "auto",
-        "Attention kernels. auto = flashinfer on CUDA when it imports, else triton on CUDA, else torch "
-        "(SDPA over packed sequences; the CPU path).",
-        choices=["auto", "flashinfer", "triton", "torch"],
+        "Attention kernels. auto = triton on CUDA, else flashinfer on CUDA; on the CPU, cpu (embedserve's "
+        "C kernel, built at first start with the host's C compiler) where it builds, else torch (SDPA per "
+        "sequence).",
+        choices=["auto", "cpu", "flashinfer", "triton", "torch"],
     )
     context_length: int | None = _opt(
         None,

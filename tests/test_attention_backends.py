@@ -185,12 +185,16 @@ def test_triton_backend_matches_torch_over_the_kv_pool(tiny, interpreted_triton,
 # --- choosing a backend ----------------------------------------------------------------------------------
 
 
-def test_auto_picks_torch_on_cpu(tiny, caplog):
-    assert isinstance(get_attention_backend("auto", "cpu"), TorchAttention)
+def test_auto_picks_the_cpu_kernel_on_cpu(tiny, caplog):
+    assert get_attention_backend("auto", "cpu").name == "cpu"
     with caplog.at_level(logging.INFO, logger="embedserve.gpu_proc.model_runner"):
         runner = make_runner(tiny("qwen2"), "auto")
-    assert runner.attention_backend.name == "torch"
-    assert "Attention backend: torch" in caplog.messages
+    assert runner.attention_backend.name == "cpu"
+    assert "Attention backend: cpu" in caplog.messages
+
+
+def test_torch_backend_is_still_chosen_by_name(tiny):
+    assert isinstance(make_runner(tiny("qwen2"), "torch").attention_backend, TorchAttention)
 
 
 def test_flashinfer_on_cpu_is_refused_with_a_clear_message(tiny):

@@ -14,9 +14,10 @@ the sequence's cached prefix (pool rows `prefix_slots`, page size 1) followed by
 
     sequence b sees:  | pool[prefix slot 0] .. pool[prefix slot p-1] | new 0 .. new i |   (p = prefix_lens[b])
 
-Backends (`get_attention_backend`): `torch` (SDPA per sequence; the CPU path and the reference),
-`triton` (`attention_triton.py`: the extend-attention kernel, one launch per layer) and `flashinfer`
-(`attention_flashinfer.py`: FlashInfer's ragged / paged prefill, planned once per batch).
+Backends (`get_attention_backend`): `torch` (SDPA per sequence; the portable path and the reference),
+`cpu` (`attention_cpu.py`: embedserve's C kernel, one call per layer), `triton` (`attention_triton.py`:
+the extend-attention kernel, one launch per layer) and `flashinfer` (`attention_flashinfer.py`:
+FlashInfer's ragged / paged prefill, planned once per batch).
 """
 
 from __future__ import annotations
@@ -266,6 +267,7 @@ class TorchAttention(AttentionBackend):
 # name -> "module:class". NOTE: by path, not by class: the GPU backends' modules import this one.
 ATTENTION_BACKENDS: dict[str, str] = {
     "torch": f"{__name__}:TorchAttention",
+    "cpu": "embedserve.gpu_proc.layers.attention_cpu:CpuAttention",
     "triton": "embedserve.gpu_proc.layers.attention_triton:TritonAttention",
     "flashinfer": "embedserve.gpu_proc.layers.attention_flashinfer:FlashInferAttention",
 }
@@ -273,6 +275,8 @@ ATTENTION_BACKENDS: dict[str, str] = {
 # for tests only. NOTE: triton first: it is what ran the H200 figures in docs/benchmarks.md, while
 # FlashInfer without its JIT cache compiled kernels for minutes at start-up there; it stays a choice.
 AUTO_ON_CUDA = ("triton", "flashinfer")
+# On the CPU: embedserve's C kernel where a compiler built it, else torch.
+AUTO_ON_CPU = ("cpu",)
 
 
 def get_attention_backend(
@@ -284,12 +288,12 @@ def get_attention_backend(
     """The backend `name` (or `auto`'s pick) for `device`, configured for `layers` when given.
 
     auto: triton on CUDA when it imports and serves this model, else flashinfer on CUDA when it
-    does, else torch. An explicit name that cannot run here raises `AttentionBackendUnavailable`.
+    does; on the CPU the C kernel (`cpu`) when it builds; else torch. An explicit name that cannot run here raises `AttentionBackendUnavailable`.
     """
     device = torch.device(device)
     if name != "auto":
         return _build(name, device, dtype, layers)
-    for candidate in AUTO_ON_CUDA if device.type == "cuda" else ():
+    for candidate in AUTO_ON_CUDA if device.type == "cuda" else AUTO_ON_CPU if device.type == "cpu" else ():
         try:
             return _build(candidate, device, dtype, layers)
         except AttentionBackendUnavailable as exc:
