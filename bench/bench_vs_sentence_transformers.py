@@ -14,21 +14,16 @@ import asyncio
 import dataclasses
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 
-from bench.corpus import bundled_model_path, count_tokens, load_tokenizer
-from bench.loadgen import (
+from embedserve.bench.corpus import bundled_model_path, count_tokens, load_tokenizer
+from embedserve.bench.loadgen import (
     LoadConfig,
     Summary,
     add_load_args,
@@ -37,6 +32,7 @@ from bench.loadgen import (
     load_texts,
     run_load,
 )
+from embedserve.bench.server_process import free_port, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"  # git-ignored
@@ -57,14 +53,6 @@ class STSummary:
 # ---- the embedserve phase ----------------------------------------------------------------
 
 
-def free_port() -> int:
-    # NOTE: the port is free when we look; another process could take it before the server binds,
-    # which then shows up as a start-up failure in the server log, not a silent wrong result.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_command(port: int, model_path: str, dtype: str) -> list[str]:
     return [
         sys.executable,
@@ -79,78 +67,11 @@ def server_command(port: int, model_path: str, dtype: str) -> list[str]:
     ]
 
 
-@contextmanager
-def running_server(cmd: list[str], port: int, log_path: Path, ready_timeout: float) -> Iterator[str]:
-    """Starts the server, yields its base URL once /health says 200, and always stops it."""
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        # start_new_session: the server and its children form one process group we can clean up.
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_healthy(url, proc, log_path, ready_timeout)
-            yield url
-        finally:
-            _stop(proc)
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {proc.returncode} before it was ready:\n{_tail(log_path)}"
-            )
-        try:
-            if httpx.get(url + "/health", timeout=2.0, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"server not healthy after {timeout:.0f} s:\n{_tail(log_path)}")
-
-
-def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM and wait; SIGKILL the server's own process group only if it will not go."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            print(f"server ignored SIGTERM for {grace:.0f} s; killing its process group", file=sys.stderr)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if proc.returncode != 0:
-        print(f"server exited with {proc.returncode}", file=sys.stderr)
-    _reap_group(proc.pid)
-
-
-def _reap_group(pgid: int, grace: float = 10.0) -> None:
-    """Waits for what the server left in its group to go; kills it only after `grace` seconds.
-
-    NOTE: multiprocessing's resource tracker outlives the launcher by a moment to free shared
-    memory; killing it at once would leak the rings. Children still alive later would steal the
-    cores from the sentence-transformers phase, so those are killed.
-    """
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.25)
-    print(f"server's processes outlived it by {grace:.0f} s; killing its process group", file=sys.stderr)
-    os.killpg(pgid, signal.SIGKILL)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 def run_embedserve(a: argparse.Namespace, texts: list[str], tokens: list[int], log_path: Path) -> Summary:
     port = free_port()
     cmd = server_command(port, a.model_path, a.dtype) + a.server_args.split()
     print(f"starting {' '.join(cmd)}\n  log: {log_path}", file=sys.stderr)
-    with running_server(cmd, port, log_path, a.ready_timeout) as url:
+    with running_server(cmd, port, log_path, a.ready_timeout, cwd=REPO) as url:
         cfg = LoadConfig(
             url=url,
             model=first_model(url),

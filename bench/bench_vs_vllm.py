@@ -27,41 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench.bench_vs_sentence_transformers import free_port, running_server, server_command
-from bench.corpus import bundled_model_path, count_tokens, load_tokenizer, make_corpus
-from bench.loadgen import LoadConfig, Summary, first_model, format_summary, run_load
+from bench.bench_vs_sentence_transformers import server_command
+from embedserve.bench.corpus import bundled_model_path, count_tokens, load_tokenizer, make_corpus
+from embedserve.bench.loadgen import LoadConfig, Summary, first_model, format_summary, run_load
+from embedserve.bench.server_process import free_port, running_server
+from embedserve.bench.vllm import VLLM_EXTRA_BODY, vllm_command, vllm_env
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-VLLM_ENV = {
-    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "VLLM_HOST_IP": "127.0.0.1",
-    "VLLM_LOOPBACK_IP": "127.0.0.1",
-    "HF_HUB_OFFLINE": "1",
-}
-
-
-def vllm_command(python: str, port: int, model_path: str, dtype: str) -> list[str]:
-    return [
-        python,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model_path,
-        "--runner",
-        "pooling",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "256",
-        "--dtype",
-        dtype,
-        "--gpu-memory-utilization",
-        "0.3",
-    ]
 
 
 def drive(
@@ -110,11 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for clients, per_request in loads:
         port = free_port()
-        os.environ.update(VLLM_ENV)  # NOTE: inherited by the vLLM process only matters there; harmless here
         with running_server(
-            vllm_command(a.vllm_python, port, a.model_path, a.dtype), port, RESULTS / f"vllm-{stamp}.log", 600
+            vllm_command(a.vllm_python, port, a.model_path, a.dtype),
+            port,
+            RESULTS / f"vllm-{stamp}.log",
+            600,
+            env={**os.environ, **vllm_env()},
         ) as url:
-            vllm = drive(url, clients, per_request, a, texts, tokens, (("truncate_prompt_tokens", 256),))
+            vllm = drive(url, clients, per_request, a, texts, tokens, VLLM_EXTRA_BODY)
         port = free_port()
         with running_server(
             server_command(port, a.model_path, a.dtype) + a.server_args.split(),

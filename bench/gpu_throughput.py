@@ -4,7 +4,7 @@
 
 1. Builds (once) the random bf16 model with `bench.gte_qwen2_size.build`.
 2. Launches `python -m embedserve.launch --model-path DIR --dtype bfloat16 --attention-backend B`,
-   drives it with `bench.loadgen` on the mixed corpus (`bench.corpus`), and stops it.
+   drives it with `embedserve.bench.loadgen` on the mixed corpus (`embedserve.bench.corpus`), and stops it.
 3. Only then loads `SentenceTransformer(DIR)` in bf16 on the same card and encodes the same corpus: the
    two phases never overlap.
 4. Prints tokens/s of both, their ratio, and each one's model FLOP/s as a fraction of the card's dense
@@ -46,9 +46,9 @@ from bench.bench_vs_sentence_transformers import (
     running_server,
     server_command,
 )
-from bench.corpus import bundled_model_path, count_tokens, load_tokenizer, make_corpus
 from bench.gte_qwen2_size import GTE_QWEN2_1_5B, build
-from bench.loadgen import LoadConfig, first_model, run_load
+from embedserve.bench.corpus import bundled_model_path, count_tokens, load_tokenizer, make_corpus
+from embedserve.bench.loadgen import LoadConfig, first_model, run_load
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; the first name found in the
 # device name wins, so the more specific names come first (a "GH200" also contains "H200").
@@ -197,7 +197,7 @@ def report(a, cmd, backend, es, st, cfg, lens, device, versions) -> str:
             "",
             f"- software: {', '.join(f'{k} {v}' for k, v in versions.items())}; attention backend: {backend}",
             f"- server: `{server}` (the MiniLM tokenizer: see bench/gpu_throughput.py)",
-            f"- load: bench.loadgen, {a.concurrency} clients x {a.inputs_per_request} inputs/request, "
+            f"- load: embedserve.bench.loadgen, {a.concurrency} clients x {a.inputs_per_request} inputs/request, "
             f"base64, warmup {a.warmup:g} s, measured {es.seconds:.1f} s, errors {sum(es.errors.values())}",
             f"- corpus: {len(lens)} mixed texts (seed 0; queries 5-20, passages 50-250 tokens), "
             f"{sum(lens):,} tokens, mean {sum(lens) / len(lens):.1f}",

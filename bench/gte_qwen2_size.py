@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.corpus import bundled_model_path, load_tokenizer, make_corpus
+from embedserve.bench.corpus import bundled_model_path, load_tokenizer, make_corpus
 
 # gte-Qwen2-1.5B-instruct's config.json, less what the model never reads
 GTE_QWEN2_1_5B = dict(

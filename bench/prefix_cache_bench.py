@@ -30,8 +30,14 @@ import httpx
 import numpy as np
 
 from bench.bench_vs_sentence_transformers import RESULTS, free_port, running_server, server_command
-from bench.corpus import QUERY_TOKENS, bundled_model_path, count_tokens, load_tokenizer, make_corpus
-from bench.loadgen import _loads, first_model
+from embedserve.bench.corpus import (
+    QUERY_TOKENS,
+    bundled_model_path,
+    count_tokens,
+    load_tokenizer,
+    make_corpus,
+)
+from embedserve.bench.loadgen import _loads, first_model
 
 INSTRUCTION = (
     "Instruct: Given a web search query, retrieve relevant passages that answer the query. Prefer "

@@ -48,8 +48,8 @@ from bench.bench_vs_sentence_transformers import (
     free_port,
     server_command,
 )
-from bench.corpus import bundled_model_path, count_tokens, load_tokenizer, make_corpus
-from bench.loadgen import LoadConfig, Summary, _batches, _loads, first_model, run_load
+from embedserve.bench.corpus import bundled_model_path, count_tokens, load_tokenizer, make_corpus
+from embedserve.bench.loadgen import LoadConfig, Summary, _batches, _loads, first_model, run_load
 
 MiB = 1 << 20
 

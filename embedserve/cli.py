@@ -1,4 +1,4 @@
-"""The `embedserve` command: `embedserve launch [options]` starts a server."""
+"""The `embedserve` command: `embedserve launch [options]` starts a server, `embedserve bench` loads one."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ USAGE = """usage: embedserve <command> [options]
 
 commands:
   launch    start an embedding server (same as python -m embedserve.launch); see embedserve launch --help
+  bench     closed-loop load against a running server, with a summary table; see embedserve bench --help
 """
 
 
@@ -22,6 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from embedserve.launch import main as launch_main
 
         return launch_main(rest)
+    if command == "bench":
+        from embedserve.bench.cli import main as bench_main
+
+        return bench_main(rest)
     print(f"embedserve: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -8,7 +8,7 @@ import pytest
 # NOTE: bench/ is not an installed package; make the repo root importable however pytest is run.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.corpus import (
+from embedserve.bench.corpus import (
     PASSAGE_TOKENS,
     QUERY_TOKENS,
     bundled_model_path,

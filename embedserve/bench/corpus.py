@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from bench.wordlist import WORDS
+from embedserve.bench.wordlist import WORDS
 
 QUERY_TOKENS = (5, 20)
 PASSAGE_TOKENS = (50, 250)

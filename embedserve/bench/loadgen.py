@@ -5,7 +5,7 @@ as the previous answer arrives. Requests that *complete* inside the measured win
 warmup) count; throughput is divided by the window length. Tokens are counted here with the
 model's tokenizer, never taken from the server's `usage`, so a server cannot flatter itself.
 
-    python -m bench.loadgen --url http://127.0.0.1:30000 --concurrency 16 --inputs-per-request 4
+    python -m embedserve.bench.loadgen --url http://127.0.0.1:30000 --concurrency 16 --inputs-per-request 4
 """
 
 from __future__ import annotations
@@ -25,7 +25,13 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from bench.corpus import bundled_model_path, count_tokens, load_corpus_file, load_tokenizer, make_corpus
+from embedserve.bench.corpus import (
+    bundled_model_path,
+    count_tokens,
+    load_corpus_file,
+    load_tokenizer,
+    make_corpus,
+)
 
 try:  # NOTE: the client shares the CPU with the server on small machines; orjson parses ~5x faster.
     from orjson import loads as _loads

@@ -1,0 +1,98 @@
+"""`embedserve bench` as a user runs it: a subprocess against a launched server, its table and JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from launched_server import LaunchedServer
+
+from embedserve.bench.cli import format_table, parse_loads
+from embedserve.bench.loadgen import Summary
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LaunchedServer("--embedding-cache-size", "0") as s:
+        yield s
+
+
+def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "embedserve.cli", "bench", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_several_loads_print_one_table_and_write_json(server, tmp_path):
+    out = tmp_path / "results.json"
+    done = bench(
+        "--url", server.url, "--loads", "2x1,3x4", "--warmup", "0.5", "--duration", "2",
+        "--no-progress", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = [line for line in done.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| load | tokens/s")
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["2 x 1", "3 x 4"]
+    results = json.loads(out.read_text())["embedserve"]
+    assert [(r["concurrency"], r["inputs_per_request"]) for r in results] == [(2, 1), (3, 4)]
+    for r in results:
+        assert r["errors"] == {} and r["requests"] > 0 and r["tokens"] > 0
+        assert r["inputs"] == r["requests"] * r["inputs_per_request"]
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+    assert "window" in done.stderr  # each load's own summary goes to stderr
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_corpus_file_is_what_gets_sent_and_counted(server, tmp_path, suffix):
+    corpus = tmp_path / f"corpus{suffix}"
+    # "hello world" is 4 tokens with [CLS] and [SEP]: every answered input must count exactly 4
+    lines = ["hello world"] * 5 if suffix == ".txt" else [json.dumps({"text": "hello world"})] * 5
+    corpus.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "r.json"
+    done = bench(
+        "--url", server.url, "--corpus-file", str(corpus), "--concurrency", "2", "--inputs-per-request",
+        "3", "--warmup", "0.2", "--duration", "1", "--no-progress", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (r,) = json.loads(out.read_text())["embedserve"]
+    assert r["inputs"] > 0 and r["tokens"] == 4 * r["inputs"]
+
+
+def test_bad_load_spec_is_a_usage_error(server):
+    done = bench("--url", server.url, "--loads", "16by8")
+    assert done.returncode == 2 and "bad load '16by8'" in done.stderr
+
+
+def test_no_server_is_said_plainly(tmp_path):
+    done = bench("--url", "http://127.0.0.1:9", "--duration", "1", timeout=60)
+    assert done.returncode == 2 and "no embeddings server answers at http://127.0.0.1:9" in done.stderr
+
+
+def test_help_documents_the_vllm_side_by_side():
+    done = bench("--help")
+    assert done.returncode == 0 and "--vs-vllm" in done.stdout and "truncate" not in done.stderr
+
+
+def test_parse_loads():
+    assert parse_loads("1x1, 16X8,64x64") == [(1, 1), (16, 8), (64, 64)]
+    for bad in ("", "16", "x8", "0x1", "4x-1", "axb"):
+        with pytest.raises(ValueError, match="bad load"):
+            parse_loads(bad)
+
+
+def _summary(clients: int, inputs: int, tokens_per_s: float, p50: float, p99: float) -> Summary:
+    return Summary(
+        url="u", model="m", concurrency=clients, inputs_per_request=inputs, encoding_format="float",
+        seconds=10.0, requests=1, inputs=inputs, tokens=int(tokens_per_s * 10), requests_per_s=0.1,
+        inputs_per_s=0.1 * inputs, tokens_per_s=tokens_per_s,
+        latency_ms={"p50": p50, "p90": p99, "p99": p99, "mean": p50}, errors={},
+    )  # fmt: skip
+
+
+def test_side_by_side_table_gives_the_ratio():
+    ours = [_summary(16, 8, 7700.0, 900, 1100)]
+    vllm = [_summary(16, 8, 7000.0, 1000, 1500)]
+    rows = format_table(ours, vllm).splitlines()
+    assert "ratio" in rows[0]
+    assert rows[2] == "| 16 x 8 | 7,000 | 7,700 | 1.10x | 1,000 / 1,500 | 900 / 1,100 |"
