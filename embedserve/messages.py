@@ -120,6 +120,7 @@ class ResponseReady(_Msg):
     body: RingRef  # the encoded JSON response body
     prompt_tokens: int = 0  # tokens served, for the metrics
     cached_tokens: int = 0  # of which answered from a cache
+    output_seconds: float = 0.0  # time the output process spent encoding this response, for the metrics
 
 
 class SchedulerStats(_Msg):

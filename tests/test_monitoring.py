@@ -169,6 +169,31 @@ def test_prompt_tokens_count_exactly_the_tokens_served(server):
     assert metric(server, "embedserve_prompt_tokens_total") - before == served
 
 
+def test_cached_tokens_count_what_the_responses_report_as_cached(server):
+    before = metric(server, "embedserve_cached_tokens_total")
+    text = "a sentence this module sends twice to hit the whole-input cache"
+    first = server.post("/v1/embeddings", {"input": [text]}).json()["usage"]
+    second = server.post("/v1/embeddings", {"input": [text, text]}).json()["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["prompt_tokens_details"]["cached_tokens"] == second["prompt_tokens"] > 0  # both hits
+    reported = second["prompt_tokens"]
+    assert metric(server, "embedserve_cached_tokens_total") - before == reported
+    assert 0 < metric(server, "embedserve_cache_hit_ratio") <= 1
+
+
+def test_stage_histograms_count_every_request(server):
+    names = ["embedserve_output_seconds_count", "embedserve_tokenize_seconds_count"]
+    before = [metric(server, n) for n in names]
+    for i in range(3):
+        server.post("/v1/embeddings", {"input": f"stage timing {i}"})
+    # NOTE: the output time travels with each response; the tokenizer's with the scheduler's next
+    # periodic stats report, so that one may arrive a moment later.
+    deadline = time.monotonic() + 5
+    while (counts := [metric(server, n) - b for n, b in zip(names, before, strict=True)]) != [3, 3]:
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.1)
+
+
 def test_requests_are_counted_by_endpoint_and_status(server):
     def count(status: str) -> float:
         text = requests.get(f"{server.url}/metrics", timeout=10).text

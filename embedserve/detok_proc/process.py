@@ -7,6 +7,7 @@ request's meta always precedes its rows and a drop always follows its last row.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -108,6 +109,7 @@ class OutputWorker:
     def _respond(self, assembly: _Assembly) -> None:
         if assembly.failed or assembly.vectors is None:
             return
+        started = time.perf_counter()
         body = BODY_BUILDERS[assembly.meta.api](assembly.meta, assembly.vectors, assembly.cached)
         if len(body) > self.response_ring.max_block_bytes:
             self.to_http.send(
@@ -125,6 +127,8 @@ class OutputWorker:
                 rid=assembly.meta.rid,
                 body=RingRef(handle, len(body)),
                 prompt_tokens=sum(assembly.meta.lengths),
+                cached_tokens=sum(assembly.cached),
+                output_seconds=time.perf_counter() - started,
             )
         )
 

@@ -76,6 +76,9 @@ class ServerMetrics:
         self.forward_time = self._histogram(
             "forward_seconds", "Model forward time per batch.", LATENCY_BUCKETS
         )
+        self.output_time = self._histogram(
+            "output_seconds", "Output process time per request: encoding its response body.", LATENCY_BUCKETS
+        )
         self._prompt_total = 0
         self._cached_total = 0
         self._touch_every_series()
@@ -110,7 +113,8 @@ class ServerMetrics:
     def observe_inputs(self, count: int) -> None:
         self.inputs_per_request.labels(self.model_name).observe(count)
 
-    def observe_served(self, prompt_tokens: int, cached_tokens: int) -> None:
+    def observe_served(self, prompt_tokens: int, cached_tokens: int, output_seconds: float = 0.0) -> None:
+        self.output_time.labels(self.model_name).observe(output_seconds)
         self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
         self.cached_tokens.labels(self.model_name).inc(cached_tokens)
         self._prompt_total += prompt_tokens

@@ -80,7 +80,7 @@ class PipelineClient:
         future = self.waiting.pop(msg.rid, None)
         if future is not None and not future.done():
             future.set_result(body)
-            self.metrics.observe_served(msg.prompt_tokens, msg.cached_tokens)
+            self.metrics.observe_served(msg.prompt_tokens, msg.cached_tokens, msg.output_seconds)
 
     def _on_failure(self, msg: RequestFailed) -> None:
         future = self.waiting.pop(msg.rid, None)
