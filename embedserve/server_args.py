@@ -183,6 +183,12 @@ class ServerArgs:
         return 16384 if self.device == "cuda" else 4096
 
     @property
+    def min_overlap_tokens(self) -> int:
+        """Tokens a batch needs to be formed while another is at the executor (see Scheduler)."""
+        # NOTE: on CUDA a small batch costs little, and overlapping hides the host's work.
+        return self.prefill_token_budget // 4 if self.device == "cpu" else 0
+
+    @property
     def chunk_size(self) -> int:
         if self.chunked_prefill_size is not None:
             return self.chunked_prefill_size

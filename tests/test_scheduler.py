@@ -47,6 +47,25 @@ def test_at_most_two_batches_in_flight_and_meta_sent_once():
     assert s.idle
 
 
+def test_a_second_batch_waits_for_enough_tokens_while_one_runs():
+    s = Scheduler(max_prefill_tokens=100, max_running_seqs=8, min_overlap_tokens=30)
+    s.add_request(request("a", [10]))
+    first, _ = s.next_batch()  # nothing running: even a small batch goes at once
+    assert [q.rid for q in first.seqs] == ["a"]
+    s.add_request(request("b", [12], offset=100))
+    assert not s.can_schedule and s.next_batch() is None  # 12 tokens would be a batch of their own
+    s.add_request(request("c", [20], offset=200))
+    second, _ = s.next_batch()  # 32 waiting: worth a forward while the first runs
+    assert [q.rid for q in second.seqs] == ["b", "c"]
+    s.add_request(request("d", [5], offset=300))
+    assert s.next_batch() is None  # two in flight
+    s.finish_batch(first.batch_id)
+    assert s.next_batch() is None  # one running, 5 tokens waiting
+    s.finish_batch(second.batch_id)
+    third, _ = s.next_batch()  # the executor ran dry: whatever waits goes
+    assert [q.rid for q in third.seqs] == ["d"]
+
+
 def test_abort_of_a_waiting_request_releases_its_block_at_once():
     s = Scheduler(max_prefill_tokens=10, max_running_seqs=8)
     s.add_request(request("gone", [5, 5]))

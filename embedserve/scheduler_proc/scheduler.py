@@ -60,6 +60,7 @@ class Scheduler:
         max_running_seqs: int,
         max_batches_in_flight: int = 2,
         max_queued_tokens: int | None = None,
+        min_overlap_tokens: int = 0,
         caches: CacheConfig | None = None,
         read_tokens: Callable[[Seq], Sequence[int]] = _no_tokens,
     ):
@@ -67,6 +68,8 @@ class Scheduler:
         self.max_running_seqs = max_running_seqs
         self.max_batches_in_flight = max_batches_in_flight
         self.max_queued_tokens = max_queued_tokens  # admission limit on waiting tokens; None = unbounded
+        # a batch formed while another is still at the executor must carry at least this many tokens
+        self.min_overlap_tokens = min_overlap_tokens
         self.caches = CachePlanner(caches or CacheConfig(), read_tokens)
         self.queue = FcfsQueue()
         self._requests: dict[str, _RequestState] = {}
@@ -93,7 +96,13 @@ class Scheduler:
 
     @property
     def can_schedule(self) -> bool:
-        return len(self.queue) > 0 and len(self._in_flight) < self.max_batches_in_flight
+        if len(self.queue) == 0 or len(self._in_flight) >= self.max_batches_in_flight:
+            return False
+        # NOTE: with a batch already running, one or two inputs that just arrived would make a batch
+        # of their own: on the CPU such a forward costs milliseconds of fixed overhead for a few
+        # tokens (measured at 16 clients x 1 input: batches of 9, 5, 2 inputs in turn). They wait
+        # for more company or for the executor to run dry, whichever comes first.
+        return not self._in_flight or self.queue.waiting_tokens >= self.min_overlap_tokens
 
     @property
     def idle(self) -> bool:
