@@ -13,7 +13,7 @@ import logging
 import multiprocessing as mp
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 from embedserve.detok_proc.process import run_detokenizer_process
 from embedserve.gpu_proc.process import run_executor_process
@@ -87,16 +87,22 @@ def launch_server(args: ServerArgs) -> int:
         ports.remove_all()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = ServerArgs.from_cli_args(make_parser().parse_args(argv))
-    # NOTE: children must not inherit a half-initialised torch or a running event loop: spawn, never fork.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def set_child_env_defaults(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Settings every child inherits (spawned, they read them when they import torch or tokenizers);
+    a value the user already set wins."""
+    environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # NOTE: libgomp's threads spin ~300k iterations after each parallel region before they sleep; on a
     # small machine that spinning takes the cores the pipeline processes and the attention kernel's
     # second thread need. Measured on 2 cores, MiniLM fp32 at 16 clients x 8 inputs: 6.2-6.4k tokens/s
     # by default, 6.9k at 10,000, 6.8-7.0k passive; the idle one-query forward stayed 4.3 ms (passive:
-    # 8.3 ms). Read by the executor's libgomp when torch loads; a value the user set wins.
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    # 8.3 ms). Read by the executor's libgomp when torch loads.
+    environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = ServerArgs.from_cli_args(make_parser().parse_args(argv))
+    # NOTE: children must not inherit a half-initialised torch or a running event loop: spawn, never fork.
+    set_child_env_defaults()
     return launch_server(args)
 
 
