@@ -47,6 +47,7 @@ class ModelRunner:
         dtype: str,
         num_threads: int | None = None,
         attention_backend: str = "auto",
+        pack_linears: bool = True,
     ):
         if device == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
@@ -55,7 +56,7 @@ class ModelRunner:
         self.torch_dtype = resolve_dtype(dtype, config.hf_config, device)
         self.hidden_size = config.hidden_size
         self.model = _load_model(config, self.device, self.torch_dtype)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and pack_linears:
             _pack_linears_for_cpu(self.model, self.torch_dtype)
         _check_attention_window(self.model, config.context_length)
         self.pooler = Pooler(config.pooling, config.normalize)
