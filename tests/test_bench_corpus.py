@@ -1,12 +1,6 @@
 """The benchmark corpus is reproducible and has the promised RAG-like length mix."""
 
-import sys
-from pathlib import Path
-
 import pytest
-
-# NOTE: bench/ is not an installed package; make the repo root importable however pytest is run.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embedserve.bench.corpus import (
     PASSAGE_TOKENS,
@@ -16,6 +10,7 @@ from embedserve.bench.corpus import (
     load_corpus_file,
     load_tokenizer,
     make_corpus,
+    make_fixed_length_corpus,
 )
 
 
@@ -59,3 +54,10 @@ def test_corpus_file_plain_and_jsonl(tmp_path):
     jsonl.write_text('{"text": "a"}\n{"text": "b", "id": 2}\n')
     assert load_corpus_file(plain) == ["first text", "second text"]
     assert load_corpus_file(jsonl) == ["a", "b"]
+
+
+@pytest.mark.parametrize("length", [16, 64, 256])
+def test_fixed_length_corpus_is_exactly_that_long(model_path, length):
+    texts = make_fixed_length_corpus(30, length, seed=2, tokenizer_path=model_path)
+    assert len(set(texts)) > 1
+    assert set(count_tokens(load_tokenizer(model_path), texts)) == {length}

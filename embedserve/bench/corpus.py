@@ -52,6 +52,12 @@ def make_corpus(n: int, seed: int, tokenizer_path: str | Path) -> list[str]:
     return texts
 
 
+def make_fixed_length_corpus(n: int, tokens: int, seed: int, tokenizer_path: str | Path) -> list[str]:
+    """`n` passages of exactly `tokens` tokens each (special tokens included): cost against length."""
+    builder = _TextBuilder(load_tokenizer(tokenizer_path), random.Random(seed))
+    return [builder.build((tokens, tokens), ".") for _ in range(n)]
+
+
 def load_corpus_file(path: str | Path) -> list[str]:
     """Texts from a file: JSONL with a "text" field per line, or else one plain text per line."""
     lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
