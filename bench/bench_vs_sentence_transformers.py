@@ -32,7 +32,7 @@ from embedserve.bench.loadgen import (
     load_texts,
     run_load,
 )
-from embedserve.bench.server_process import free_port, running_server
+from embedserve.bench.server_process import free_port, running_server, server_command
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"  # git-ignored
@@ -51,20 +51,6 @@ class STSummary:
 
 
 # ---- the embedserve phase ----------------------------------------------------------------
-
-
-def server_command(port: int, model_path: str, dtype: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "embedserve.launch",
-        "--port",
-        str(port),
-        "--model-path",
-        model_path,
-        "--dtype",
-        dtype,
-    ]
 
 
 def run_embedserve(a: argparse.Namespace, texts: list[str], tokens: list[int], log_path: Path) -> Summary:

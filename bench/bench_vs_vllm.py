@@ -27,10 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.bench_vs_sentence_transformers import server_command
 from embedserve.bench.corpus import bundled_model_path, count_tokens, load_tokenizer, make_corpus
 from embedserve.bench.loadgen import LoadConfig, Summary, first_model, format_summary, run_load
-from embedserve.bench.server_process import free_port, running_server
+from embedserve.bench.server_process import free_port, running_server, server_command
 from embedserve.bench.vllm import VLLM_EXTRA_BODY, vllm_command, vllm_env
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -39,16 +39,11 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from bench.bench_vs_sentence_transformers import (
-    RESULTS,
-    free_port,
-    run_sentence_transformers,
-    running_server,
-    server_command,
-)
+from bench.bench_vs_sentence_transformers import RESULTS, run_sentence_transformers
 from bench.gte_qwen2_size import GTE_QWEN2_1_5B, build
 from embedserve.bench.corpus import bundled_model_path, count_tokens, load_tokenizer, make_corpus
 from embedserve.bench.loadgen import LoadConfig, first_model, run_load
+from embedserve.bench.server_process import free_port, running_server, server_command
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; the first name found in the
 # device name wins, so the more specific names come first (a "GH200" also contains "H200").

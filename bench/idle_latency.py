@@ -23,7 +23,6 @@ import argparse
 import gc
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import httpx
 import numpy as np
 
 from embedserve.bench.corpus import bundled_model_path, load_tokenizer
-from embedserve.bench.server_process import free_port, running_server
+from embedserve.bench.server_process import free_port, running_server, server_command
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUERY = "how do I reset my router password"
@@ -79,10 +78,7 @@ def scrape(client: httpx.Client, url: str) -> dict[tuple[str, str], float]:
 
 def server_phase(a: argparse.Namespace) -> tuple[list[float], dict[str, float]]:
     port = free_port()
-    cmd = [
-        sys.executable, "-m", "embedserve.launch", "--port", str(port), "--model-path", a.model_path,
-        "--dtype", a.dtype, "--embedding-cache-size", "0",
-    ]  # fmt: skip
+    cmd = [*server_command(port, a.model_path, a.dtype), "--embedding-cache-size", "0"]
     RESULTS.mkdir(exist_ok=True)
     log = RESULTS / "idle-latency-server.log"
     with running_server(cmd, port, log, 180) as url, httpx.Client(trust_env=False, timeout=30) as client:

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.bench_vs_sentence_transformers import RESULTS, free_port, running_server, server_command
+from bench.bench_vs_sentence_transformers import RESULTS
 from embedserve.bench.corpus import (
     QUERY_TOKENS,
     bundled_model_path,
@@ -38,6 +38,7 @@ from embedserve.bench.corpus import (
     make_corpus,
 )
 from embedserve.bench.loadgen import _loads, first_model
+from embedserve.bench.server_process import free_port, running_server, server_command
 
 INSTRUCTION = (
     "Instruct: Given a web search query, retrieve relevant passages that answer the query. Prefer "

@@ -29,7 +29,7 @@ from embedserve.bench.corpus import (
     make_fixed_length_corpus,
 )
 from embedserve.bench.loadgen import LoadConfig, Summary, first_model, run_load
-from embedserve.bench.server_process import free_port, running_server
+from embedserve.bench.server_process import free_port, running_server, server_command
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLIENTS = (1, 4, 16, 64)
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     mixed_tokens = count_tokens(tok, mixed)
     by_length = {n: make_fixed_length_corpus(500, n, 1, a.model_path) for n in LENGTHS}
     port = free_port()
-    cmd = [sys.executable, "-m", "embedserve.launch", "--port", str(port), "--model-path", a.model_path]
-    cmd += ["--dtype", a.dtype, *a.server_args.split()]
+    cmd = [*server_command(port, a.model_path, a.dtype), *a.server_args.split()]
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     grid: dict[tuple[int, int], Summary] = {}

@@ -39,17 +39,10 @@ import httpx
 import numpy as np
 import psutil
 
-from bench.bench_vs_sentence_transformers import (
-    REPO,
-    RESULTS,
-    _stop,
-    _tail,
-    _wait_healthy,
-    free_port,
-    server_command,
-)
+from bench.bench_vs_sentence_transformers import REPO, RESULTS
 from embedserve.bench.corpus import bundled_model_path, count_tokens, load_tokenizer, make_corpus
 from embedserve.bench.loadgen import LoadConfig, Summary, _batches, _loads, first_model, run_load
+from embedserve.bench.server_process import _stop, _tail, _wait_healthy, free_port, server_command
 
 MiB = 1 << 20
 
