@@ -24,11 +24,11 @@ import numpy as np
 
 from embedserve.bench.corpus import bundled_model_path, count_tokens, load_tokenizer
 from embedserve.bench.loadgen import (
-    LoadConfig,
     Summary,
     add_load_args,
     check_load_args,
     first_model,
+    load_config,
     load_texts,
     run_load,
 )
@@ -58,17 +58,7 @@ def run_embedserve(a: argparse.Namespace, texts: list[str], tokens: list[int], l
     cmd = server_command(port, a.model_path, a.dtype) + a.server_args.split()
     print(f"starting {' '.join(cmd)}\n  log: {log_path}", file=sys.stderr)
     with running_server(cmd, port, log_path, a.ready_timeout, cwd=REPO) as url:
-        cfg = LoadConfig(
-            url=url,
-            model=first_model(url),
-            concurrency=a.concurrency,
-            inputs_per_request=a.inputs_per_request,
-            warmup=a.warmup,
-            duration=a.duration,
-            encoding_format=a.encoding_format,
-            timeout=a.timeout,
-            max_requests=a.max_requests,
-        )
+        cfg = load_config(a, url, first_model(url))
         return asyncio.run(run_load(cfg, texts, tokens, progress=not a.no_progress))
 
 

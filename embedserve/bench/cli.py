@@ -33,12 +33,12 @@ import httpx
 
 from embedserve.bench.corpus import bundled_model_path, count_tokens, load_tokenizer
 from embedserve.bench.loadgen import (
-    LoadConfig,
     Summary,
     add_load_args,
     check_load_args,
     first_model,
     format_summary,
+    load_config,
     load_texts,
     run_load,
 )
@@ -71,11 +71,9 @@ def run_loads(
 ) -> list[Summary]:
     results = []
     for clients, inputs in loads:
-        cfg = LoadConfig(
-            url=url, model=model, concurrency=clients, inputs_per_request=inputs,
-            warmup=a.warmup, duration=a.duration, encoding_format=a.encoding_format,
-            timeout=a.timeout, max_requests=a.max_requests, extra_body=tuple(extra),
-        )  # fmt: skip
+        cfg = load_config(
+            a, url, model, concurrency=clients, inputs_per_request=inputs, extra_body=tuple(extra)
+        )
         print(f"\n-- {url}: {clients} clients x {inputs} inputs", file=sys.stderr)
         summary = asyncio.run(run_load(cfg, texts, tokens, progress=not a.no_progress))
         print(format_summary(summary), file=sys.stderr)

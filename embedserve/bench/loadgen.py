@@ -241,6 +241,16 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requests", type=int, default=1_000_000, help="stop after this many requests")
 
 
+def load_config(a: argparse.Namespace, url: str, model: str, **overrides: object) -> LoadConfig:
+    """The `LoadConfig` that `add_load_args`' options describe; `overrides` replace any of its fields."""
+    fields: dict[str, object] = dict(
+        url=url, model=model, concurrency=a.concurrency, inputs_per_request=a.inputs_per_request,
+        warmup=a.warmup, duration=a.duration, encoding_format=a.encoding_format, timeout=a.timeout,
+        max_requests=a.max_requests,
+    )  # fmt: skip
+    return LoadConfig(**{**fields, **overrides})  # type: ignore[arg-type]
+
+
 def check_load_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.concurrency < 1 or a.inputs_per_request < 1 or a.corpus < 1 or a.max_requests < 1:
         p.error("--concurrency, --inputs-per-request, --corpus and --max-requests must be >= 1")
@@ -265,17 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer_path = a.tokenizer or bundled_model_path()
     texts = load_texts(a.corpus, a.corpus_file, a.seed, tokenizer_path)
     tokens = count_tokens(load_tokenizer(tokenizer_path), texts)
-    cfg = LoadConfig(
-        url=a.url.rstrip("/"),
-        model=a.model or first_model(a.url),
-        concurrency=a.concurrency,
-        inputs_per_request=a.inputs_per_request,
-        warmup=a.warmup,
-        duration=a.duration,
-        encoding_format=a.encoding_format,
-        timeout=a.timeout,
-        max_requests=a.max_requests,
-    )
+    cfg = load_config(a, a.url.rstrip("/"), a.model or first_model(a.url))
     summary = asyncio.run(run_load(cfg, texts, tokens, progress=not a.no_progress))
     print(json.dumps(dataclasses.asdict(summary), indent=2) if a.json else format_summary(summary))
 

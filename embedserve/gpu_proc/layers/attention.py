@@ -271,8 +271,8 @@ ATTENTION_BACKENDS: dict[str, str] = {
     "triton": "embedserve.gpu_proc.layers.attention_triton:TritonAttention",
     "flashinfer": "embedserve.gpu_proc.layers.attention_flashinfer:FlashInferAttention",
 }
-# What `auto` tries on CUDA, in order, before torch. Off CUDA it is torch: the Triton interpreter is
-# for tests only. NOTE: triton first: it is what ran the H200 figures in docs/benchmarks.md, while
+# What `auto` tries, in order, before torch. On the CPU triton never: its interpreter is for tests
+# only. NOTE: triton first on CUDA: it is what ran the H200 figures in docs/benchmarks.md, while
 # FlashInfer without its JIT cache compiled kernels for minutes at start-up there; it stays a choice.
 AUTO_ON_CUDA = ("triton", "flashinfer")
 # On the CPU: embedserve's C kernel where a compiler built it, else torch.
@@ -288,7 +288,8 @@ def get_attention_backend(
     """The backend `name` (or `auto`'s pick) for `device`, configured for `layers` when given.
 
     auto: triton on CUDA when it imports and serves this model, else flashinfer on CUDA when it
-    does; on the CPU the C kernel (`cpu`) when it builds; else torch. An explicit name that cannot run here raises `AttentionBackendUnavailable`.
+    does; on the CPU the C kernel (`cpu`) when it builds; else torch. An explicit name that cannot
+    run here raises `AttentionBackendUnavailable`.
     """
     device = torch.device(device)
     if name != "auto":

@@ -41,9 +41,7 @@ class CpuAttention(TorchAttention):
             )
 
     def plan(self, ctx: ForwardContext) -> np.ndarray:
-        cu = np.zeros(ctx.num_seqs + 1, dtype=np.int64)
-        np.cumsum(ctx.seq_lens, out=cu[1:])
-        return cu
+        return ctx.cu_seqlens.numpy().astype(np.int64)  # a CPU tensor: no copy to fetch it
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, ctx: ForwardContext

@@ -12,12 +12,9 @@ packs its weights the same way (its own oneDNN handle; these are torch's own ops
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 # config.json `hidden_act` -> oneDNN's post-op (attr, algorithm), for those it computes exactly as torch.
 FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
@@ -40,7 +37,7 @@ class PackedWeight:
         # NOTE: the batch size only picks the layout's blocking; measured, a layout packed for 128
         # rows runs as fast at 4,096.
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 128)
-        return cls(packed, None if bias is None else bias.detach().clone())
+        return cls(packed, None if bias is None else bias.detach())
 
     def linear(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         attr, algorithm = FUSED_ACTIVATIONS[activation] if activation else ("none", "")
