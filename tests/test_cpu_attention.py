@@ -8,6 +8,7 @@ pointing nowhere and an empty build cache.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from test_attention_backends import cosine, embed, make_runner, random_seqs, tiny  # noqa: F401 (a fixture)
 
-from embedserve.kernels.cpu_attention import cpu_attention, cpu_attention_unavailable
+from embedserve.kernels.cpu_attention import (
+    SOURCE,
+    KernelBuildError,
+    compile_kernel,
+    cpu_attention,
+    cpu_attention_unavailable,
+    load_kernel,
+)
 
 pytestmark = pytest.mark.skipif(
     cpu_attention_unavailable() is not None, reason=f"no CPU kernel here: {cpu_attention_unavailable()}"
@@ -117,3 +125,18 @@ def test_without_a_compiler_auto_falls_back_to_torch(tmp_path):
     reason, backend = done.stdout.strip().splitlines()
     assert "building the CPU attention kernel failed" in reason
     assert backend == "torch"
+
+
+def test_a_build_loaded_by_path_computes_what_the_cached_build_does(tmp_path):
+    """compile_kernel + load_kernel (how bench/attention_kernel.py times an older source) give a
+    working library; a source that does not compile says why."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or "gcc"
+    target = tmp_path / "kernel.so"
+    compile_kernel(SOURCE, target, compiler)
+    q, k, v = packed_qkv(LENS, 4, 2, 32, torch.bfloat16)
+    expected = cpu_attention(q, k, v, cu(LENS), 0.2, False)
+    assert torch.equal(cpu_attention(q, k, v, cu(LENS), 0.2, False, library=load_kernel(target)), expected)
+    broken = tmp_path / "broken.c"
+    broken.write_text("int embedserve_attention(void) { return }\n")
+    with pytest.raises(KernelBuildError, match="building the CPU attention kernel failed"):
+        compile_kernel(broken, tmp_path / "broken.so", compiler)

@@ -2,10 +2,15 @@
  *
  * q [T, H, D], k and v [T, Hkv, D], out [T, H, D] contiguous: every sequence's tokens concatenated,
  * cu_seqlens [B + 1] its boundaries. q, k and v may be strided views (a fused qkv projection's output):
- * each has its own token and head strides, in elements; head_dim is contiguous. A work item is one (sequence, head): its keys are copied once, transposed,
- * into a float32 scratch [D, L] and its values into [L, D], so that every query row reads them from
- * cache with unit stride, the score loop vectorised over keys and the output loop over head_dim, four
- * query rows at a time.
+ * each has its own token and head strides, in elements; head_dim is contiguous. A work item is one
+ * (sequence, head): its keys are copied once, transposed, into a float32 scratch [D, L] and its values
+ * into [L, D], so that every query row reads them from cache with unit stride, the score loop
+ * vectorised over keys and the output loop over head_dim, eight query rows at a time (eight
+ * independent sums per loaded vector: enough to keep both FMA pipes busy).
+ * Rows are read from q, k and v a vector at a time and converted from bfloat16 a vector at a time.
+ * NOTE: measured, reading them one element at a time (a branch on the dtype per element) took a third
+ * of the kernel's time in fp32; vector reads made the kernel 1.4-1.8x faster in fp32 and ~1.2x in bf16
+ * (bench/attention_kernel.py), with bit-identical results.
  * Items are split between threads by their cost (L^2), each thread a contiguous run of items.
  *
  * Built at run time by embedserve/kernels/cpu_attention.py with the host's compiler (-O3
@@ -32,27 +37,8 @@ typedef struct {
     int status;
 } Job;
 
-static inline float load(const void *base, int dtype, int64_t i) {
-    if (dtype == F32) return ((const float *)base)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline void store(void *base, int dtype, int64_t i, float f) {
-    if (dtype == F32) {
-        ((float *)base)[i] = f;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    bits += 0x7FFFu + ((bits >> 16) & 1u); /* round to nearest even (inputs are finite) */
-    ((uint16_t *)base)[i] = (uint16_t)(bits >> 16);
-}
-
 #define VL 16   /* floats per vector: one AVX-512 register (two AVX2 ones elsewhere) */
-#define ROWS 4  /* query rows computed together: each key and value row loaded once serves all four */
+#define ROWS 8  /* query rows computed together: each key and value vector loaded once serves all eight */
 
 /* GCC/Clang vector extensions: explicit vectors, whatever SIMD -march=native offers, no intrinsics. */
 typedef float v16 __attribute__((vector_size(VL * sizeof(float))));
@@ -65,6 +51,28 @@ static inline v16 ld(const float *p) {
 }
 
 static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+typedef uint32_t v16u __attribute__((vector_size(VL * sizeof(uint32_t))));
+typedef uint16_t v16h __attribute__((vector_size(VL * sizeof(uint16_t))));
+
+/* VL elements of a q, k or v row as float32 (a bfloat16 is the top half of a float32). */
+static inline v16 ld_elems(const void *base, int dtype, int64_t i) {
+    if (dtype == F32) return ld((const float *)base + i);
+    v16h h;
+    memcpy(&h, (const uint16_t *)base + i, sizeof h);
+    return (v16)(__builtin_convertvector(h, v16u) << 16);
+}
+
+static inline void st_elems(void *base, int dtype, int64_t i, v16 f) {
+    if (dtype == F32) {
+        st((float *)base + i, f);
+        return;
+    }
+    v16u bits = (v16u)f;
+    bits += 0x7FFFu + ((bits >> 16) & 1u); /* round to nearest even (outputs are finite) */
+    const v16h h = __builtin_convertvector(bits >> 16, v16h);
+    memcpy((uint16_t *)base + i, &h, sizeof h);
+}
 
 /* e^x for x <= 0 (a score minus its row's max), ~2e-7 relative: 2^n times a degree-6 polynomial on
  * r = x - n ln2 in [-ln2/2, ln2/2]; n = -trunc(0.5 - x log2 e), a floor of a positive number. */
@@ -94,15 +102,10 @@ static inline __attribute__((always_inline)) void attend(const Job *job, int64_t
     const int64_t *st_ = job->strides;
     for (int64_t j = 0; j < L; j++) {
         const int64_t krow = (start + j) * st_[2] + hk * st_[3], vrow = (start + j) * st_[4] + hk * st_[5];
-        float *vdst = vv + j * D;
-        if (job->dtype == F32) {
-            const float *ksrc = (const float *)job->k + krow;
-            memcpy(vdst, (const float *)job->v + vrow, sizeof(float) * (size_t)D);
-            for (int64_t d = 0; d < D; d++) kt[d * Lp + j] = ksrc[d];
-        } else {
-            const uint16_t *ksrc = (const uint16_t *)job->k + krow, *vsrc = (const uint16_t *)job->v + vrow;
-            for (int64_t d = 0; d < D; d++) vdst[d] = load(vsrc, BF16, d);
-            for (int64_t d = 0; d < D; d++) kt[d * Lp + j] = load(ksrc, BF16, d);
+        for (int64_t d0 = 0; d0 < D; d0 += VL) {
+            const v16 kv = ld_elems(job->k, job->dtype, krow + d0);
+            st(vv + j * D + d0, ld_elems(job->v, job->dtype, vrow + d0));
+            for (int jj = 0; jj < VL; jj++) kt[(d0 + jj) * Lp + j] = kv[jj];
         }
     }
     for (int64_t d = 0; d < D; d++)
@@ -111,24 +114,18 @@ static inline __attribute__((always_inline)) void attend(const Job *job, int64_t
     for (int64_t i0 = 0; i0 < L; i0 += ROWS) {
         const int64_t rows = L - i0 < ROWS ? L - i0 : ROWS;
         for (int64_t r = 0; r < ROWS; r++)
-            for (int64_t d = 0; d < D; d++)
-                qb[r * D + d] =
-                    r < rows ? load(job->q, job->dtype, (start + i0 + r) * st_[0] + h * st_[1] + d) * job->scale : 0.0f;
+            for (int64_t d0 = 0; d0 < D; d0 += VL)
+                st(qb + r * D + d0, r < rows ? ld_elems(job->q, job->dtype, (start + i0 + r) * st_[0] + h * st_[1] + d0) * job->scale
+                                           : (v16){0});
         const int64_t n = job->causal ? i0 + rows : L; /* keys that some row of this block sees */
         const int64_t np = (n + VL - 1) / VL * VL;
         for (int64_t j0 = 0; j0 < np; j0 += VL) {
-            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            v16 a[ROWS] = {{0}};
             for (int64_t d = 0; d < D; d++) {
                 const v16 k = ld(kt + d * Lp + j0);
-                a0 += qb[d] * k;
-                a1 += qb[D + d] * k;
-                a2 += qb[2 * D + d] * k;
-                a3 += qb[3 * D + d] * k;
+                for (int r = 0; r < ROWS; r++) a[r] += qb[r * D + d] * k;
             }
-            st(sc + j0, a0);
-            st(sc + Lp + j0, a1);
-            st(sc + 2 * Lp + j0, a2);
-            st(sc + 3 * Lp + j0, a3);
+            for (int r = 0; r < ROWS; r++) st(sc + r * Lp + j0, a[r]);
         }
         float inv[ROWS];
         for (int r = 0; r < ROWS; r++) {
@@ -155,18 +152,15 @@ static inline __attribute__((always_inline)) void attend(const Job *job, int64_t
             inv[r] = valid ? 1.0f / total : 0.0f;
         }
         for (int64_t d0 = 0; d0 < D; d0 += VL) {
-            v16 o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
+            v16 o[ROWS] = {{0}};
             for (int64_t j = 0; j < n; j++) {
                 const v16 v = ld(vv + j * D + d0);
-                o0 += sc[j] * v;
-                o1 += sc[Lp + j] * v;
-                o2 += sc[2 * Lp + j] * v;
-                o3 += sc[3 * Lp + j] * v;
+                for (int r = 0; r < ROWS; r++) o[r] += sc[r * Lp + j] * v;
             }
-            const v16 o[ROWS] = {o0 * inv[0], o1 * inv[1], o2 * inv[2], o3 * inv[3]};
+            for (int r = 0; r < ROWS; r++) o[r] *= inv[r];
             for (int64_t r = 0; r < rows; r++) {
                 const int64_t orow = ((start + i0 + r) * H + h) * D + d0;
-                for (int jj = 0; jj < VL; jj++) store(job->out, job->dtype, orow + jj, o[r][jj]);
+                st_elems(job->out, job->dtype, orow, o[r]);
             }
         }
     }

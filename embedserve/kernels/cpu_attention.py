@@ -55,9 +55,11 @@ def cpu_attention(
     scale: float,
     causal: bool,
     num_threads: int | None = None,
+    library: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """q [T, H, D], k and v [T, Hkv, D] (views with a contiguous last dim are fine); cu_seqlens int64
-    [B + 1] on the host. Each token attends within its own sequence. Returns a new [T, H, D]."""
+    [B + 1] on the host. Each token attends within its own sequence. Returns a new [T, H, D].
+    `library`: another build of the kernel (`load_kernel`), for benchmarks against an older source."""
     tokens, heads, dim = q.shape
     if dim % LANES:
         raise ValueError(f"head_dim {dim} is not a multiple of {LANES}")
@@ -73,7 +75,7 @@ def cpu_attention(
     strides = np.array(
         [q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1)], np.int64
     )
-    status = _library().embedserve_attention(
+    status = (library or _library()).embedserve_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
         cu.ctypes.data, strides.ctypes.data, len(cu) - 1, heads, k.shape[1], dim,
         ctypes.c_float(scale), int(causal), _DTYPE_CODES[q.dtype], num_threads or torch.get_num_threads(),
@@ -89,7 +91,10 @@ class KernelBuildError(RuntimeError):
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    path = _build()
+    return load_kernel(_build())
+
+
+def load_kernel(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     fn = lib.embedserve_attention
     fn.restype = ctypes.c_int
@@ -111,19 +116,26 @@ def _build() -> Path:
     # NOTE: built under a temporary name and renamed: servers starting together never load half a file.
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
     os.close(fd)
-    cmd = [compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-        if done.returncode != 0:
-            raise KernelBuildError(f"building the CPU attention kernel failed: {done.stderr.strip()[-500:]}")
+        compile_kernel(SOURCE, Path(tmp), compiler)
         os.replace(tmp, target)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KernelBuildError(f"building the CPU attention kernel failed: {exc}") from exc
+    except OSError as exc:
+        raise KernelBuildError(f"installing the CPU attention kernel failed: {exc}") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     logger.info("Built the CPU attention kernel: %s", target)
     return target
+
+
+def compile_kernel(source: Path, target: Path, compiler: str) -> None:
+    cmd = [compiler, *CFLAGS, "-o", str(target), str(source), "-lm"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelBuildError(f"building the CPU attention kernel failed: {exc}") from exc
+    if done.returncode != 0:
+        raise KernelBuildError(f"building the CPU attention kernel failed: {done.stderr.strip()[-500:]}")
 
 
 def _cache_dir() -> Path:
