@@ -16,7 +16,7 @@ import zmq
 
 from embedserve.detok_proc.response_builder import BODY_BUILDERS
 from embedserve.ipc.child import child_process
-from embedserve.ipc.heap import release_free_memory
+from embedserve.ipc.heap import HeapTrimmer
 from embedserve.ipc.ports import PortArgs
 from embedserve.ipc.shm_ring import ShmRing
 from embedserve.ipc.zmq_queue import ZmqPull, ZmqPush
@@ -52,10 +52,14 @@ class OutputWorker:
         self.to_http: ZmqPush[HttpInput] = ZmqPush(ctx, ports.http_addr)
         self.pending: dict[str, _Assembly] = {}
         self._handlers = {BatchEmbeddings: self.on_batch, DropRequests: self.on_drop}
+        self.trimmer = HeapTrimmer()
 
     def run_forever(self) -> None:
         while True:
-            msg = self.inbox.recv()
+            msg = self.inbox.recv(timeout_ms=self.trimmer.idle_timeout_ms())
+            if msg is None:
+                self.trimmer.on_idle()
+                continue
             self._handlers[type(msg)](msg)
 
     def on_drop(self, msg: DropRequests) -> None:
@@ -72,7 +76,7 @@ class OutputWorker:
         else:
             self._collect(msg.rows, msg.row_cached, msg.embeddings, msg.dim)
         self.on_drop(DropRequests(rids=msg.dropped))
-        release_free_memory()
+        self.trimmer.after_work()
 
     def _collect(self, rows: list[tuple[str, int]], row_cached: list[int], ref: RingRef, dim: int) -> None:
         block = np.frombuffer(self.embedding_ring.view(ref.offset, ref.nbytes), dtype="<f4")

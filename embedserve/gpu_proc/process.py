@@ -18,7 +18,7 @@ import zmq
 from embedserve.gpu_proc.embedding_table import EmbeddingTable
 from embedserve.gpu_proc.kv_pool_size import kv_pool_tokens
 from embedserve.ipc.child import child_process
-from embedserve.ipc.heap import release_free_memory
+from embedserve.ipc.heap import HeapTrimmer
 from embedserve.ipc.ports import PortArgs
 from embedserve.ipc.shm_ring import ShmRing
 from embedserve.ipc.zmq_queue import ZmqPull, ZmqPush
@@ -68,6 +68,7 @@ class ExecutorWorker:
         self.to_scheduler: ZmqPush[SchedulerInput] = ZmqPush(ctx, ports.scheduler_addr)
         self.to_output: ZmqPush[DetokenizerInput] = ZmqPush(ctx, ports.detokenizer_addr)
         self._handlers = {ForwardBatch: self.run_batch, DropRequests: self.to_output.send}
+        self.trimmer = HeapTrimmer()
         # NOTE: a fault-injection hook for the tests of "a crash in the forward fails only its batch";
         # unset in production, where nothing else reads it.
         fail_token = os.environ.get("EMBEDSERVE_TEST_FAIL_TOKEN_ID")
@@ -75,7 +76,10 @@ class ExecutorWorker:
 
     def run_forever(self) -> None:
         while True:
-            msg = self.inbox.recv()
+            msg = self.inbox.recv(timeout_ms=self.trimmer.idle_timeout_ms())
+            if msg is None:
+                self.trimmer.on_idle()
+                continue
             self._handlers[type(msg)](msg)
 
     def run_batch(self, batch: ForwardBatch) -> None:
@@ -103,7 +107,7 @@ class ExecutorWorker:
                 batch_id=batch.batch_id, forward_seconds=time.perf_counter() - started, failed_rids=failed
             )
         )
-        release_free_memory()  # after "done", so the scheduler is not kept waiting
+        self.trimmer.after_work()  # after "done", so the scheduler is not kept waiting
 
     def _embed(self, batch: ForwardBatch, finals: list[SeqRef]) -> np.ndarray:
         """Rows of the batch's final inputs: computed, or read from the whole-input cache on a hit."""
