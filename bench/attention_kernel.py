@@ -12,8 +12,6 @@ the contenders and each reports its best round (the machine is noisy); outputs a
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -50,19 +48,15 @@ def baseline_library(rev: str, workdir: Path):
     source.write_bytes(subprocess.run(["git", "show", f"{rev}:{relative}"], cwd=repo, check=True,
                                       capture_output=True).stdout)  # fmt: skip
     target = workdir / "baseline.so"
-    compile_kernel(source, target, os.environ.get("CC") or shutil.which("cc") or "gcc")
+    compile_kernel(source, target)
     return load_kernel(target)
 
 
-def best_ms(fn, rounds: int, calls: int = 10) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        started = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - started) / calls * 1e3)
-    return best
+def mean_ms(fn, calls: int = 10) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - started) / calls * 1e3
 
 
 def table_row(dtype: torch.dtype, cu: np.ndarray, baseline, rounds: int) -> str:
@@ -78,10 +72,12 @@ def table_row(dtype: torch.dtype, cu: np.ndarray, baseline, rounds: int) -> str:
         contenders["baseline"] = lambda: cpu_attention(q, k, v, cu, scale, False, library=baseline)
         if not torch.equal(contenders["kernel"](), contenders["baseline"]()):
             print(f"NOTE: {dtype}: the kernel's output differs from the baseline's")
+    for fn in contenders.values():  # warm-up
+        fn()
     best = {name: float("inf") for name in contenders}
     for _ in range(rounds):  # interleaved: a slow minute of the machine hits every contender
         for name, fn in contenders.items():
-            best[name] = min(best[name], best_ms(fn, rounds=1))
+            best[name] = min(best[name], mean_ms(fn))
     row = f"| {str(dtype).removeprefix('torch.')} | {best['sdpa']:.2f} | {best['kernel']:.2f} |"
     row += f" {best['sdpa'] / best['kernel']:.2f}x |"
     if baseline:

@@ -14,7 +14,9 @@ Both servers are started once and stay up; each round drives every load (clients
 request) against one server, then against the other, never both at once, the order swapped every
 round (a slow minute of the machine lands on both). An idle server costs the measured one little
 (measured: vLLM idle 1.7 % of a core, embedserve idle less). Per load, the table gives the median of
-the rounds' ratios, tokens/s over all rounds, and the median of the rounds' p50 and p99. vLLM is started as the issue that asked for this comparison prescribes: `--runner pooling
+the rounds' ratios, tokens/s over all rounds, and the median of the rounds' p50 and p99.
+
+vLLM is started as the issue that asked for this comparison prescribes: `--runner pooling
 --max-model-len 256`, its CPU threads bound to both cores, and `truncate_prompt_tokens: 256` on every
 request; the corpus' inputs are all shorter than 256 tokens, so both servers see the same tokens.
 Tokens are counted by the client. Figures are ratios measured in the same run: this machine is noisy.

@@ -8,7 +8,6 @@ pointing nowhere and an empty build cache.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -130,13 +129,12 @@ def test_without_a_compiler_auto_falls_back_to_torch(tmp_path):
 def test_a_build_loaded_by_path_computes_what_the_cached_build_does(tmp_path):
     """compile_kernel + load_kernel (how bench/attention_kernel.py times an older source) give a
     working library; a source that does not compile says why."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or "gcc"
     target = tmp_path / "kernel.so"
-    compile_kernel(SOURCE, target, compiler)
+    compile_kernel(SOURCE, target)
     q, k, v = packed_qkv(LENS, 4, 2, 32, torch.bfloat16)
     expected = cpu_attention(q, k, v, cu(LENS), 0.2, False)
     assert torch.equal(cpu_attention(q, k, v, cu(LENS), 0.2, False, library=load_kernel(target)), expected)
     broken = tmp_path / "broken.c"
     broken.write_text("int embedserve_attention(void) { return }\n")
     with pytest.raises(KernelBuildError, match="building the CPU attention kernel failed"):
-        compile_kernel(broken, tmp_path / "broken.so", compiler)
+        compile_kernel(broken, tmp_path / "broken.so")

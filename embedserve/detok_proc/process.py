@@ -56,10 +56,7 @@ class OutputWorker:
 
     def run_forever(self) -> None:
         while True:
-            msg = self.inbox.recv(timeout_ms=self.trimmer.idle_timeout_ms())
-            if msg is None:
-                self.trimmer.on_idle()
-                continue
+            msg = self.trimmer.next_message(self.inbox)
             self._handlers[type(msg)](msg)
 
     def on_drop(self, msg: DropRequests) -> None:

@@ -76,10 +76,7 @@ class ExecutorWorker:
 
     def run_forever(self) -> None:
         while True:
-            msg = self.inbox.recv(timeout_ms=self.trimmer.idle_timeout_ms())
-            if msg is None:
-                self.trimmer.on_idle()
-                continue
+            msg = self.trimmer.next_message(self.inbox)
             self._handlers[type(msg)](msg)
 
     def run_batch(self, batch: ForwardBatch) -> None:

@@ -6,10 +6,10 @@ shapes fragment glibc's heap (large tensors outgrow its dynamic mmap threshold a
 where freed holes are kept); forcing every large allocation through mmap instead cost ~25 %
 throughput. `malloc_trim(0)` after every batch kept RSS flat, but measured again under load
 (16 clients x 8 inputs, fp32) the executor then spent 15 % of a core in the kernel re-faulting the
-pages each trim had returned (66k page faults/s), against ~5 % without. A trim every 10 s was not
+pages each trim had returned (66k page faults/s), against 2-3 % without. A trim every 10 s was not
 enough: in 10 s the batches touch every hole again (soak: +827 MiB). So: trim when RSS stands
 GROWTH_BEFORE_TRIM above the working set (RSS after the first batch since the last trim) — RSS
-stays within that band, trims come every few seconds under load — and IDLE_BEFORE_TRIM_S after the
+stays within that band, trims are rare under load (sys time 4.7 % of a core) — and IDLE_BEFORE_TRIM_S after the
 last work, so a quiet server gives its memory back.
 """
 
@@ -19,6 +19,12 @@ import ctypes
 import ctypes.util
 import os
 import time
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from embedserve.ipc.zmq_queue import ZmqPull
+
+T = TypeVar("T")
 
 GROWTH_BEFORE_TRIM = 256 * 1024 * 1024
 IDLE_BEFORE_TRIM_S = 2.0
@@ -43,8 +49,8 @@ def resident_bytes() -> int:
 
 
 class HeapTrimmer:
-    """Call `after_work()` after each unit of work; wait at most `idle_timeout_ms()` for the next one
-    and call `on_idle()` when none came."""
+    """Call `after_work()` after each unit of work, and take the next one through `next_message()`,
+    which trims while the process waits idle."""
 
     def __init__(self, growth: int = GROWTH_BEFORE_TRIM, idle_s: float = IDLE_BEFORE_TRIM_S):
         self.growth, self.idle_s = growth, idle_s
@@ -63,6 +69,14 @@ class HeapTrimmer:
             self._working_set = rss
         elif rss > self._working_set + self.growth:
             self.trim()
+
+    def next_message(self, inbox: ZmqPull[T]) -> T:
+        """The inbox's next message; past IDLE_BEFORE_TRIM_S of waiting after work, trim once."""
+        while True:
+            msg = inbox.recv(timeout_ms=self.idle_timeout_ms())
+            if msg is not None:
+                return msg
+            self.on_idle()
 
     def idle_timeout_ms(self) -> int | None:
         """How long the caller may block before an idle trim is due; None: nothing to trim, block freely."""

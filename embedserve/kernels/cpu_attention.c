@@ -9,7 +9,7 @@
  * independent sums per loaded vector: enough to keep both FMA pipes busy).
  * Rows are read from q, k and v a vector at a time and converted from bfloat16 a vector at a time.
  * NOTE: measured, reading them one element at a time (a branch on the dtype per element) took a third
- * of the kernel's time in fp32; vector reads made the kernel 1.4-1.8x faster in fp32 and ~1.2x in bf16
+ * of the kernel's time in fp32; vector reads made the kernel 1.4-1.6x faster in fp32 and 1.1-1.2x in bf16
  * (bench/attention_kernel.py), with bit-identical results.
  * Items are split between threads by their cost (L^2), each thread a contiguous run of items.
  *
@@ -115,8 +115,9 @@ static inline __attribute__((always_inline)) void attend(const Job *job, int64_t
         const int64_t rows = L - i0 < ROWS ? L - i0 : ROWS;
         for (int64_t r = 0; r < ROWS; r++)
             for (int64_t d0 = 0; d0 < D; d0 += VL)
-                st(qb + r * D + d0, r < rows ? ld_elems(job->q, job->dtype, (start + i0 + r) * st_[0] + h * st_[1] + d0) * job->scale
-                                           : (v16){0});
+                st(qb + r * D + d0,
+                   r < rows ? ld_elems(job->q, job->dtype, (start + i0 + r) * st_[0] + h * st_[1] + d0) * job->scale
+                            : (v16){0});
         const int64_t n = job->causal ? i0 + rows : L; /* keys that some row of this block sees */
         const int64_t np = (n + VL - 1) / VL * VL;
         for (int64_t j0 = 0; j0 < np; j0 += VL) {

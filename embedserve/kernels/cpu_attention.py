@@ -103,9 +103,7 @@ def load_kernel(path: Path) -> ctypes.CDLL:
 
 
 def _build() -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise KernelBuildError("no C compiler (cc or gcc) on PATH to build the CPU attention kernel")
+    compiler = find_compiler()
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(CFLAGS).encode() + _cpu_identity().encode()).hexdigest()[:16]
     cache = _cache_dir()
@@ -128,8 +126,15 @@ def _build() -> Path:
     return target
 
 
-def compile_kernel(source: Path, target: Path, compiler: str) -> None:
-    cmd = [compiler, *CFLAGS, "-o", str(target), str(source), "-lm"]
+def find_compiler() -> str:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise KernelBuildError("no C compiler (cc or gcc) on PATH to build the CPU attention kernel")
+    return compiler
+
+
+def compile_kernel(source: Path, target: Path, compiler: str | None = None) -> None:
+    cmd = [compiler or find_compiler(), *CFLAGS, "-o", str(target), str(source), "-lm"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
