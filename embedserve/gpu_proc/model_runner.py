@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from embedserve.gpu_proc.cpu_threads import batch_threads, torch_threads
 from embedserve.gpu_proc.layers.attention import (
     Attention,
     KvBatch,
@@ -56,11 +57,14 @@ class ModelRunner:
         self.torch_dtype = resolve_dtype(dtype, config.hf_config, device)
         self.hidden_size = config.hidden_size
         self.model = _load_model(config, self.device, self.torch_dtype)
+        self.max_threads = torch.get_num_threads()
+        self.flops_per_token = _linear_flops_per_token(self.model)
         if self.device.type == "cpu" and pack_linears:
             _pack_linears_for_cpu(self.model, self.torch_dtype)
         _check_attention_window(self.model, config.context_length)
         self.pooler = Pooler(config.pooling, config.normalize)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.flops_per_token_per_layer = self.flops_per_token / max(1, len(self.attention_layers))
         self.attention_backend = get_attention_backend(
             attention_backend, self.device, self.torch_dtype, self.attention_layers
         )
@@ -118,9 +122,12 @@ class ModelRunner:
         ctx = make_forward_context(
             lens.tolist(), self.config.is_causal, self.attention_backend, self.device, kv
         )
-        with forward_context(ctx):
+        threads = self.max_threads
+        if self.device.type == "cpu":
+            threads = batch_threads(len(input_ids), self.flops_per_token_per_layer, self.max_threads)
+        with forward_context(ctx), torch_threads(threads):
             hidden = self.model(ids, torch.from_numpy(positions).to(self.device, non_blocking=True))
-        return self.pooler(hidden, ctx.cu_seqlens).cpu().numpy()
+            return self.pooler(hidden, ctx.cu_seqlens).cpu().numpy()
 
 
 def resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> torch.dtype:
@@ -165,6 +172,11 @@ def _pack_linears_for_cpu(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for linear in linears:
         linear.pack_for_cpu()
     logger.info("Linear layers packed for oneDNN: %d", len(linears))
+
+
+def _linear_flops_per_token(model: torch.nn.Module) -> float:
+    """2 x the multiply-adds of every linear layer for one token (read from shapes: packing drops weights)."""
+    return 2.0 * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear))
 
 
 def _to_empty(model: torch.nn.Module, device: torch.device) -> None:
