@@ -40,7 +40,9 @@ def state_of(request: Request) -> AppState:
     return request.app.state.embedserve
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
+    # NOTE: async on purpose: FastAPI runs a plain `def` dependency in its thread pool, which put two
+    # thread switches on every request's path (py-spy: the HTTP process's busiest lock).
     expected = state_of(request).args.api_key
     if not expected:
         return
