@@ -1,4 +1,5 @@
-"""Small CPU batches run on one thread, the rest on all of the executor's (gpu_proc/cpu_threads.py)."""
+"""A small CPU batch after a pause runs on one thread, every other batch on all of the executor's
+(gpu_proc/cpu_threads.py)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,25 @@ import numpy as np
 import pytest
 import torch
 
-from embedserve.gpu_proc.cpu_threads import SERIAL_LAYER_FLOPS, batch_threads, torch_threads
+from embedserve.gpu_proc.cpu_threads import SERIAL_LAYER_FLOPS, WARM_GAP_S, batch_threads, torch_threads
 from embedserve.gpu_proc.model_runner import ModelRunner
 from embedserve.model_config import load_model_config
 
 MINILM_LAYER_FLOPS = 2 * (4 * 384 * 384 + 2 * 384 * 1536)  # per token: q, k, v, out; two MLP linears
 
 
-def test_small_batches_get_one_thread_large_ones_all():
-    assert batch_threads(10, MINILM_LAYER_FLOPS, 2) == 1
-    assert batch_threads(64, MINILM_LAYER_FLOPS, 2) == 2
+IDLE = 1.0  # seconds since the last forward: the threads have gone cold
+
+
+def test_small_batches_after_a_pause_get_one_thread_the_rest_all():
+    assert batch_threads(10, MINILM_LAYER_FLOPS, 2, IDLE) == 1
+    assert batch_threads(10, MINILM_LAYER_FLOPS, 2, WARM_GAP_S / 2) == 2  # back to back: still warm
+    assert batch_threads(64, MINILM_LAYER_FLOPS, 2, IDLE) == 2
     # a 1.5B-parameter model's layer holds ~47M weights: even one token is worth sharing
-    assert batch_threads(4, 2 * 47e6, 16) == 16
+    assert batch_threads(4, 2 * 47e6, 16, IDLE) == 16
     edge = int(SERIAL_LAYER_FLOPS // MINILM_LAYER_FLOPS)
-    assert batch_threads(edge, MINILM_LAYER_FLOPS, 2) == 1
-    assert batch_threads(edge + 1, MINILM_LAYER_FLOPS, 2) == 2
+    assert batch_threads(edge, MINILM_LAYER_FLOPS, 2, IDLE) == 1
+    assert batch_threads(edge + 1, MINILM_LAYER_FLOPS, 2, IDLE) == 2
 
 
 def test_torch_threads_restores_the_count_even_on_error():
@@ -44,11 +49,13 @@ def test_the_runner_picks_threads_per_batch_and_embeds_the_same(runner):
     hook = runner.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
     try:
         ids = np.random.default_rng(0).integers(1000, 20000, 200).astype(np.int32)
+        runner.last_forward_end = 0.0  # as after a long idle
         short = runner.embed(ids[:10], [10])
         long = runner.embed(ids, [10, 190])
+        runner.embed(ids[:10], [10])  # right after a forward: threads still warm
     finally:
         hook.remove()
-    assert seen == [1, 2]
+    assert seen == [1, 2, 2]
     assert torch.get_num_threads() == 2
     # the 10-token sequence embeds the same alone (one thread) and in a batch (two threads)
     assert np.allclose(short[0], long[0], atol=1e-5)

@@ -8,6 +8,7 @@ batch left in the KV pool (radix prefix cache, chunked prefill; causal models wi
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -59,6 +60,7 @@ class ModelRunner:
         self.model = _load_model(config, self.device, self.torch_dtype)
         self.max_threads = torch.get_num_threads()
         self.flops_per_token = _linear_flops_per_token(self.model)
+        self.last_forward_end = 0.0  # perf_counter() when the last forward ended: its threads' warmth
         if self.device.type == "cpu" and pack_linears:
             _pack_linears_for_cpu(self.model, self.torch_dtype)
         _check_attention_window(self.model, config.context_length)
@@ -124,10 +126,14 @@ class ModelRunner:
         )
         threads = self.max_threads
         if self.device.type == "cpu":
-            threads = batch_threads(len(input_ids), self.flops_per_token_per_layer, self.max_threads)
-        with forward_context(ctx), torch_threads(threads):
-            hidden = self.model(ids, torch.from_numpy(positions).to(self.device, non_blocking=True))
-            return self.pooler(hidden, ctx.cu_seqlens).cpu().numpy()
+            idle_s = time.perf_counter() - self.last_forward_end
+            threads = batch_threads(len(input_ids), self.flops_per_token_per_layer, self.max_threads, idle_s)
+        try:
+            with forward_context(ctx), torch_threads(threads):
+                hidden = self.model(ids, torch.from_numpy(positions).to(self.device, non_blocking=True))
+                return self.pooler(hidden, ctx.cu_seqlens).cpu().numpy()
+        finally:
+            self.last_forward_end = time.perf_counter()
 
 
 def resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> torch.dtype:
