@@ -1,14 +1,17 @@
-"""One short query on an idle server: its end-to-end latency against the bare forward of that query, and
-where the difference goes, stage by stage.
+"""One short query to a server with nothing else to do: its end-to-end latency against the bare forward
+of that query, and where the difference goes, stage by stage, for each gap between requests.
 
-    python -m bench.idle_latency [--dtype float32|bfloat16] [--requests 300] [--text "..."]
+    python -m bench.idle_latency [--dtype float32|bfloat16] [--requests 200] [--gaps-ms 0,100] [--text "..."]
 
+A gap of 0 sends the next request as soon as the last answer is in (the pipeline's floor); 100 ms is
+a user's query now and then, where the machine has gone idle in between (on a VM, its vCPUs halt).
 Phase 1, in this process with nothing else running: the same model, dtype, thread count and attention
-backend as the server, the query's token ids, forwards back to back after a warm-up (p50 = the bare
-forward), then forwards with a pause between them like the pause the server sees between requests.
-Phase 2, after phase 1 has freed its model: the launched server (whole-input cache off, or every
-repeat would be a cache hit), one client sending the query again and again, one at a time. Per-stage
-times come from the server's own /metrics histograms (mean per request over the run):
+backend as the server (`ModelRunner`, in the executor's environment), the query's token ids, forwards
+after each gap (p50 = the bare forward); and, as the plain in-process yardstick, transformers'
+`BertModel` on the same ids back to back (in a child process, with libgomp's default spinning). Phase 2, after phase 1 has freed its models: the launched
+server (whole-input cache off, or every repeat would be a cache hit), one client sending the query
+again and again, one at a time, after each gap. Per-stage times come from the server's own /metrics
+histograms (mean per request over the run of that gap):
 
     HTTP total   the HTTP process, request accepted -> response written
     tokenizer    tokenizer process time            queue    scheduler wait
@@ -21,18 +24,28 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import httpx
-import numpy as np
+from embedserve.launch import set_child_env_defaults
 
-from embedserve.bench.corpus import bundled_model_path, load_tokenizer
-from embedserve.bench.server_process import free_port, running_server, server_command
+# NOTE: the executor's environment (GOMP_SPINCOUNT among it), set before torch loads libgomp.
+set_child_env_defaults()
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from embedserve.bench.corpus import bundled_model_path, load_tokenizer  # noqa: E402
+from embedserve.bench.server_process import free_port, running_server, server_command  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 QUERY = "how do I reset my router password"
 STAGES = (
     "request_latency_seconds",
@@ -43,7 +56,10 @@ STAGES = (
 )
 
 
-def bare_forward_ms(a: argparse.Namespace, ids: np.ndarray) -> tuple[list[float], list[float], str]:
+def bare_forward_ms(
+    a: argparse.Namespace, ids: np.ndarray
+) -> tuple[dict[float, list[float]], list[float], str]:
+    """ModelRunner's forward after each gap, and transformers' BertModel back to back (ms)."""
     import torch
 
     from embedserve.gpu_proc.model_runner import ModelRunner
@@ -52,19 +68,46 @@ def bare_forward_ms(a: argparse.Namespace, ids: np.ndarray) -> tuple[list[float]
 
     threads = ServerArgs(model_path=a.model_path).executor_threads
     runner = ModelRunner(load_model_config(a.model_path), device="cpu", dtype=a.dtype, num_threads=threads)
-    for _ in range(30):
-        runner.embed(ids, [len(ids)])
-    back_to_back, paused = [], []
-    for samples, pause in ((back_to_back, 0.0), (paused, a.pause_ms / 1e3)):
+    by_gap: dict[float, list[float]] = {}
+    for gap in a.gaps:
+        for _ in range(10):
+            runner.embed(ids, [len(ids)])
+        by_gap[gap] = samples = []
         for _ in range(a.requests):
-            time.sleep(pause)
+            time.sleep(gap / 1e3)
             started = time.perf_counter()
             runner.embed(ids, [len(ids)])
             samples.append((time.perf_counter() - started) * 1e3)
     backend = f"{runner.attention_backend.name}, {threads} threads, torch {torch.__version__}"
     del runner
     gc.collect()
-    return back_to_back, paused, backend
+    return by_gap, plain_forward_ms(a), backend
+
+
+def plain_forward_ms(a: argparse.Namespace) -> list[float]:
+    """transformers' BertModel on the query, back to back, in a child process with libgomp's default
+    spin count (300,000), as a user's own script would run it, not the executor's 10,000."""
+    env = {**os.environ, "GOMP_SPINCOUNT": "300000"}
+    cmd = [sys.executable, "-m", "bench.idle_latency", "--transformers-only", "--dtype", a.dtype]
+    cmd += ["--requests", str(a.requests), "--model-path", a.model_path, "--text", a.text]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def transformers_only(a: argparse.Namespace, ids: np.ndarray) -> list[float]:
+    import torch
+    from transformers import AutoModel
+
+    hf = AutoModel.from_pretrained(a.model_path, torch_dtype=getattr(torch, a.dtype)).eval()
+    hf_ids = torch.from_numpy(ids.astype(np.int64))[None]
+    samples = []
+    with torch.inference_mode():
+        for i in range(a.requests + 10):
+            started = time.perf_counter()
+            hf(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids)).last_hidden_state.mean(1)
+            if i >= 10:
+                samples.append((time.perf_counter() - started) * 1e3)
+    return samples
 
 
 def scrape(client: httpx.Client, url: str) -> dict[tuple[str, str], float]:
@@ -76,59 +119,88 @@ def scrape(client: httpx.Client, url: str) -> dict[tuple[str, str], float]:
     return out
 
 
-def server_phase(a: argparse.Namespace) -> tuple[list[float], dict[str, float]]:
+def server_phase(a: argparse.Namespace) -> dict[float, tuple[list[float], dict[str, float]]]:
+    """Per gap: the client's e2e samples (ms) and the server's mean per-stage times (ms)."""
     port = free_port()
     cmd = [*server_command(port, a.model_path, a.dtype), "--embedding-cache-size", "0"]
     RESULTS.mkdir(exist_ok=True)
     log = RESULTS / "idle-latency-server.log"
+    out = {}
     with running_server(cmd, port, log, 180) as url, httpx.Client(trust_env=False, timeout=30) as client:
         model = client.get(url + "/v1/models").json()["data"][0]["id"]
         body = {"model": model, "input": a.text}
-        for _ in range(30):
-            client.post(url + "/v1/embeddings", json=body).raise_for_status()
-        before = scrape(client, url)
-        e2e = []
-        for _ in range(a.requests):
-            started = time.perf_counter()
-            client.post(url + "/v1/embeddings", json=body).raise_for_status()
-            e2e.append((time.perf_counter() - started) * 1e3)
-        after = scrape(client, url)
-    stages = {}
-    for stage in STAGES:
-        count = after[(stage, "count")] - before[(stage, "count")]
-        stages[stage] = (after[(stage, "sum")] - before[(stage, "sum")]) * 1e3 / max(1.0, count)
-    return e2e, stages
+        for gap in a.gaps:
+            for _ in range(10):
+                client.post(url + "/v1/embeddings", json=body).raise_for_status()
+            before = scrape(client, url)
+            e2e = []
+            for _ in range(a.requests):
+                time.sleep(gap / 1e3)
+                started = time.perf_counter()
+                client.post(url + "/v1/embeddings", json=body).raise_for_status()
+                e2e.append((time.perf_counter() - started) * 1e3)
+            after = scrape(client, url)
+            stages = {}
+            for stage in STAGES:
+                count = after[(stage, "count")] - before[(stage, "count")]
+                stages[stage] = (after[(stage, "sum")] - before[(stage, "sum")]) * 1e3 / max(1.0, count)
+            out[gap] = e2e, stages
+    return out
 
 
-def report(a, ids, bare, paused, backend, e2e, stages) -> str:
+def report(a, ids, bare, plain, backend, served) -> str:
     p50 = statistics.median
-    http = stages["request_latency_seconds"]
-    inside = stages["tokenize_seconds"] + stages["queue_wait_seconds"] + stages["forward_seconds"]
-    inside += stages["output_seconds"]
-    rows = [
-        ("client e2e (p50)", p50(e2e)),
-        ("  client library + loopback", p50(e2e) - http),
-        ("  HTTP total (mean)", http),
-        ("    tokenizer", stages["tokenize_seconds"]),
-        ("    scheduler queue wait", stages["queue_wait_seconds"]),
-        ("    executor forward", stages["forward_seconds"]),
-        ("    output (response body)", stages["output_seconds"]),
-        ("    HTTP parse/validate + 5 IPC hops", http - inside),
+    names = [
+        "client e2e (p50)",
+        "  client library + loopback",
+        "  HTTP total (mean)",
+        "    tokenizer",
+        "    scheduler queue wait",
+        "    executor forward",
+        "    output (response body)",
+        "    HTTP parse/validate + 5 IPC hops",
     ]
+    columns = {}
+    for gap, (e2e, stages) in served.items():
+        http = stages["request_latency_seconds"]
+        inside = sum(stages[s] for s in ("tokenize_seconds", "queue_wait_seconds", "forward_seconds"))
+        inside += stages["output_seconds"]
+        columns[gap] = [
+            p50(e2e),
+            p50(e2e) - http,
+            http,
+            stages["tokenize_seconds"],
+            stages["queue_wait_seconds"],
+            stages["forward_seconds"],
+            stages["output_seconds"],
+            http - inside,
+        ]
+    gaps = list(served)
+    header = " | ".join(f"gap {g:g} ms" for g in gaps)
     lines = [
-        f"### One short query on an idle server ({a.dtype})",
+        f"### One short query, one request at a time ({a.dtype})",
         "",
         f"- query: {a.text!r} ({len(ids)} tokens); model {a.model_path}; {backend}",
-        f"- `python -m bench.idle_latency --dtype {a.dtype} --requests {a.requests}`",
-        f"- bare forward, in-process: p50 **{p50(bare):.2f} ms** back to back (min {min(bare):.2f}); "
-        f"p50 {p50(paused):.2f} ms with a {a.pause_ms:.0f} ms pause before each",
+        f"- `python -m bench.idle_latency --dtype {a.dtype} --requests {a.requests} "
+        f"--gaps-ms {','.join(f'{g:g}' for g in gaps)}`",
+        f"- transformers `BertModel`, in-process, back to back: p50 **{p50(plain):.2f} ms**",
         "",
-        "| stage | ms |",
-        "|---|---:|",
-        *(f"| {name} | {ms:.2f} |" for name, ms in rows),
-        "",
-        f"end-to-end p50 / bare forward p50: **{p50(e2e) / p50(bare):.2f}x** "
-        f"(against the paused forward: {p50(e2e) / p50(paused):.2f}x); p99 e2e {np.percentile(e2e, 99):.2f} ms",
+        f"| stage (ms) | {header} |",
+        "|---|" + "---:|" * len(gaps),
+        *(
+            f"| {name} | " + " | ".join(f"{columns[g][i]:.2f}" for g in gaps) + " |"
+            for i, name in enumerate(names)
+        ),
+        "| p99 e2e | " + " | ".join(f"{np.percentile(served[g][0], 99):.2f}" for g in gaps) + " |",
+        "| bare forward, in-process, same gap (p50) | "
+        + " | ".join(f"{p50(bare[g]):.2f}" for g in gaps)
+        + " |",
+        "| **e2e / bare forward, same gap** | "
+        + " | ".join(f"**{p50(served[g][0]) / p50(bare[g]):.2f}x**" for g in gaps)
+        + " |",
+        "| e2e / transformers back to back | "
+        + " | ".join(f"{p50(served[g][0]) / p50(plain):.2f}x" for g in gaps)
+        + " |",
     ]
     return "\n".join(lines)
 
@@ -137,15 +209,20 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default=str(bundled_model_path()))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--requests", type=int, default=200, help="requests (and bare forwards) per gap")
+    p.add_argument("--gaps-ms", default="0,100", help="comma-separated pauses before each request")
     p.add_argument("--text", default=QUERY)
-    p.add_argument("--pause-ms", type=float, default=3.0, help="pause between paused bare forwards")
+    p.add_argument("--transformers-only", action="store_true", help=argparse.SUPPRESS)  # the child's job
     a = p.parse_args(argv)
+    a.gaps = [float(g) for g in a.gaps_ms.split(",")]
     tok = load_tokenizer(a.model_path)
     ids = np.asarray(tok.encode(a.text).ids, dtype=np.int32)
-    bare, paused, backend = bare_forward_ms(a, ids)
-    e2e, stages = server_phase(a)
-    print(report(a, ids, bare, paused, backend, e2e, stages))
+    if a.transformers_only:
+        print(json.dumps(transformers_only(a, ids)))
+        return
+    bare, plain, backend = bare_forward_ms(a, ids)
+    served = server_phase(a)
+    print(report(a, ids, bare, plain, backend, served))
 
 
 if __name__ == "__main__":
