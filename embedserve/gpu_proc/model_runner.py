@@ -59,14 +59,14 @@ class ModelRunner:
         self.hidden_size = config.hidden_size
         self.model = _load_model(config, self.device, self.torch_dtype)
         self.max_threads = torch.get_num_threads()
-        self.flops_per_token = _linear_flops_per_token(self.model)
+        linear_flops = _linear_flops_per_token(self.model)  # NOTE: before packing, which drops weights
         self.last_forward_end = 0.0  # perf_counter() when the last forward ended: its threads' warmth
         if self.device.type == "cpu" and pack_linears:
             _pack_linears_for_cpu(self.model, self.torch_dtype)
         _check_attention_window(self.model, config.context_length)
         self.pooler = Pooler(config.pooling, config.normalize)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.flops_per_token_per_layer = self.flops_per_token / max(1, len(self.attention_layers))
+        self.flops_per_token_per_layer = linear_flops / max(1, len(self.attention_layers))
         self.attention_backend = get_attention_backend(
             attention_backend, self.device, self.torch_dtype, self.attention_layers
         )
@@ -181,7 +181,7 @@ def _pack_linears_for_cpu(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def _linear_flops_per_token(model: torch.nn.Module) -> float:
-    """2 x the multiply-adds of every linear layer for one token (read from shapes: packing drops weights)."""
+    """2 x the multiply-adds of every linear layer for one token."""
     return 2.0 * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear))
 
 
