@@ -42,11 +42,11 @@ import numpy as np
 
 from embedserve.bench.corpus import bundled_model_path, count_tokens, load_tokenizer, make_corpus
 from embedserve.bench.loadgen import LoadConfig, Summary, first_model, run_load
+from embedserve.bench.one_at_a_time import SHORT_QUERY, one_at_a_time
 from embedserve.bench.server_process import free_port, running_server, server_command
 from embedserve.bench.vllm import VLLM_EXTRA_BODY, vllm_command, vllm_env
 
 RESULTS = Path(__file__).resolve().parent / "results"
-QUERY = "how do I reset my router password"  # bench/idle_latency.py's query (10 tokens)
 # NOTE: after its last request vLLM's CPU engine spins a full core for ~1.5 s (measured); the one-query
 # runs start this long after the other server's last request, or they would measure that spin.
 SETTLE_S = 3.0
@@ -78,16 +78,10 @@ def one_query_ms(url: str, extra: tuple, gap_ms: float, requests: int) -> list[f
     """End-to-end ms of `requests` single-query requests, one at a time, each after `gap_ms` of pause."""
     time.sleep(SETTLE_S)
     with httpx.Client(base_url=url, trust_env=False, timeout=30) as client:
-        body = {"model": first_model(url), "input": QUERY, **dict(extra)}
-        for _ in range(10):
-            client.post("/v1/embeddings", json=body).raise_for_status()
-        samples = []
-        for _ in range(requests):
-            time.sleep(gap_ms / 1e3)
-            started = time.perf_counter()
-            client.post("/v1/embeddings", json=body).raise_for_status()
-            samples.append((time.perf_counter() - started) * 1e3)
-    return samples
+        body = {"model": first_model(url), "input": SHORT_QUERY, **dict(extra)}
+        return one_at_a_time(
+            lambda: client.post("/v1/embeddings", json=body).raise_for_status(), requests, gap_ms, warmup=10
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def format_single(single: dict[float, dict[str, list[float]]], a: argparse.Namespace) -> str:
     lines = [
-        f"{a.dtype}, one query ({QUERY!r}) at a time, {a.one_query_requests} per gap, server and round",
+        f"{a.dtype}, one query ({SHORT_QUERY!r}) at a time, {a.one_query_requests} per gap, server and round",
         "",
         "| pause before each request | vLLM p50/p99 ms | embedserve p50/p99 ms | p50 ratio vLLM / embedserve |",
         "|---|---:|---:|---:|",

@@ -23,6 +23,7 @@ histograms (mean per request over the run of that gap):
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -30,7 +31,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from embedserve.launch import set_child_env_defaults
@@ -42,11 +42,11 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from embedserve.bench.corpus import bundled_model_path, load_tokenizer  # noqa: E402
+from embedserve.bench.one_at_a_time import SHORT_QUERY, one_at_a_time  # noqa: E402
 from embedserve.bench.server_process import free_port, running_server, server_command  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-QUERY = "how do I reset my router password"
 STAGES = (
     "request_latency_seconds",
     "tokenize_seconds",
@@ -68,18 +68,10 @@ def bare_forward_ms(
 
     threads = ServerArgs(model_path=a.model_path).executor_threads
     runner = ModelRunner(load_model_config(a.model_path), device="cpu", dtype=a.dtype, num_threads=threads)
-    by_gap: dict[float, list[float]] = {}
-    for gap in a.gaps:
-        for _ in range(10):
-            runner.embed(ids, [len(ids)])
-        by_gap[gap] = samples = []
-        for _ in range(a.requests):
-            time.sleep(gap / 1e3)
-            started = time.perf_counter()
-            runner.embed(ids, [len(ids)])
-            samples.append((time.perf_counter() - started) * 1e3)
+    forward = functools.partial(runner.embed, ids, [len(ids)])
+    by_gap = {gap: one_at_a_time(forward, a.requests, gap, warmup=10) for gap in a.gaps}
     backend = f"{runner.attention_backend.name}, {threads} threads, torch {torch.__version__}"
-    del runner
+    del runner, forward
     gc.collect()
     return by_gap, plain_forward_ms(a), backend
 
@@ -100,14 +92,12 @@ def transformers_only(a: argparse.Namespace, ids: np.ndarray) -> list[float]:
 
     hf = AutoModel.from_pretrained(a.model_path, torch_dtype=getattr(torch, a.dtype)).eval()
     hf_ids = torch.from_numpy(ids.astype(np.int64))[None]
-    samples = []
     with torch.inference_mode():
-        for i in range(a.requests + 10):
-            started = time.perf_counter()
-            hf(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids)).last_hidden_state.mean(1)
-            if i >= 10:
-                samples.append((time.perf_counter() - started) * 1e3)
-    return samples
+        return one_at_a_time(
+            lambda: hf(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids)).last_hidden_state.mean(1),
+            a.requests,
+            warmup=10,
+        )
 
 
 def scrape(client: httpx.Client, url: str) -> dict[tuple[str, str], float]:
@@ -129,16 +119,11 @@ def server_phase(a: argparse.Namespace) -> dict[float, tuple[list[float], dict[s
     with running_server(cmd, port, log, 180) as url, httpx.Client(trust_env=False, timeout=30) as client:
         model = client.get(url + "/v1/models").json()["data"][0]["id"]
         body = {"model": model, "input": a.text}
+        post = lambda: client.post(url + "/v1/embeddings", json=body).raise_for_status()  # noqa: E731
         for gap in a.gaps:
-            for _ in range(10):
-                client.post(url + "/v1/embeddings", json=body).raise_for_status()
+            one_at_a_time(post, 10)  # warm-up, kept out of the stage counters read next
             before = scrape(client, url)
-            e2e = []
-            for _ in range(a.requests):
-                time.sleep(gap / 1e3)
-                started = time.perf_counter()
-                client.post(url + "/v1/embeddings", json=body).raise_for_status()
-                e2e.append((time.perf_counter() - started) * 1e3)
+            e2e = one_at_a_time(post, a.requests, gap)
             after = scrape(client, url)
             stages = {}
             for stage in STAGES:
@@ -213,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--requests", type=int, default=200, help="requests (and bare forwards) per gap")
     p.add_argument("--gaps-ms", default="0,100", help="comma-separated pauses before each request")
-    p.add_argument("--text", default=QUERY)
+    p.add_argument("--text", default=SHORT_QUERY)
     p.add_argument("--transformers-only", action="store_true", help=argparse.SUPPRESS)  # the child's job
     a = p.parse_args(argv)
     a.gaps = [float(g) for g in a.gaps_ms.split(",")]
