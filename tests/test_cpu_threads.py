@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
 from embedserve.gpu_proc import cpu_threads
-from embedserve.gpu_proc.cpu_threads import SERIAL_LAYER_FLOPS, WARM_GAP_S, batch_threads, torch_threads
+from embedserve.gpu_proc.cpu_threads import SERIAL_LAYER_FLOPS, WARM_GAP_S, CoreShare, batch_threads
 from embedserve.gpu_proc.model_runner import ModelRunner
 from embedserve.model_config import load_model_config
 
@@ -29,12 +31,50 @@ def test_small_batches_after_a_pause_get_one_thread_the_rest_all():
     assert batch_threads(edge + 1, MINILM_LAYER_FLOPS, 2, IDLE) == 2
 
 
-def test_torch_threads_restores_the_count_even_on_error():
+def test_a_running_batch_restores_the_thread_count_even_on_error():
     before = torch.get_num_threads()
-    with pytest.raises(RuntimeError), torch_threads(1):
+    share = CoreShare(max_threads=2)
+    with pytest.raises(RuntimeError), share.running_batch(1):
         assert torch.get_num_threads() == 1
         raise RuntimeError("boom")
-    assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before and share.running == 0
+
+
+def test_two_batches_split_the_threads_and_one_alone_takes_them_back():
+    share = CoreShare(max_threads=4)
+    seen = {}
+    first_alone, second_started, first_checked, second_done = (threading.Event() for _ in range(4))
+
+    def first() -> None:
+        with share.running_batch(4):
+            seen["alone"] = torch.get_num_threads()
+            first_alone.set()
+            second_started.wait(10)
+            share.rebalance()  # the next layer, with the other batch running
+            seen["beside"] = torch.get_num_threads()
+            first_checked.set()
+            second_done.wait(10)
+            share.rebalance()  # alone again
+            seen["alone again"] = torch.get_num_threads()
+
+    def second() -> None:
+        with share.running_batch(4):
+            second_started.set()
+            seen["second"] = torch.get_num_threads()
+            first_checked.wait(10)
+        second_done.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    first_alone.wait(10)
+    threads[1].start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"alone": 4, "beside": 2, "second": 2, "alone again": 4}
+    # a small batch's own ceiling holds even alone
+    with share.running_batch(1):
+        share.rebalance()
+        assert torch.get_num_threads() == 1
 
 
 @pytest.fixture(scope="module")

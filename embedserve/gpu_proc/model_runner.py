@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from embedserve.gpu_proc.cpu_threads import batch_threads, torch_threads
+from embedserve.gpu_proc.cpu_threads import CoreShare, batch_threads
 from embedserve.gpu_proc.layers.attention import (
     Attention,
     KvBatch,
@@ -50,22 +50,36 @@ class ModelRunner:
         num_threads: int | None = None,
         attention_backend: str = "auto",
         pack_linears: bool = True,
+        build_threads: int | None = None,
     ):
+        """`build_threads`: threads for loading and packing (default: `num_threads`); the executor
+        builds on one, so that only its lanes ever run OpenMP on several (see `CoreShare`)."""
         if device == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
+        self.max_threads = torch.get_num_threads()
         self.config = config
         self.device = torch.device(device)
         self.torch_dtype = resolve_dtype(dtype, config.hf_config, device)
         self.hidden_size = config.hidden_size
-        self.model = _load_model(config, self.device, self.torch_dtype)
-        self.max_threads = torch.get_num_threads()
-        linear_flops = _linear_flops_per_token(self.model)  # NOTE: before packing, which drops weights
+        if self.device.type == "cpu" and build_threads:
+            torch.set_num_threads(build_threads)
+        try:
+            self.model = _load_model(config, self.device, self.torch_dtype)
+            linear_flops = _linear_flops_per_token(self.model)  # NOTE: before packing, which drops weights
+            if self.device.type == "cpu" and pack_linears:
+                _pack_linears_for_cpu(self.model, self.torch_dtype)
+        finally:
+            torch.set_num_threads(self.max_threads)
         self.last_forward_end = 0.0  # perf_counter() when the last forward ended: its threads' warmth
-        if self.device.type == "cpu" and pack_linears:
-            _pack_linears_for_cpu(self.model, self.torch_dtype)
         _check_attention_window(self.model, config.context_length)
         self.pooler = Pooler(config.pooling, config.normalize)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.core_share = CoreShare(self.max_threads)
+        if self.device.type == "cpu":
+            # NOTE: before each layer, so a batch that started beside another takes every thread
+            # once it runs alone (and gives half back when a second batch starts).
+            for layer in self.attention_layers:
+                layer.register_forward_pre_hook(lambda *_: self.core_share.rebalance())
         self.flops_per_token_per_layer = linear_flops / max(1, len(self.attention_layers))
         self.attention_backend = get_attention_backend(
             attention_backend, self.device, self.torch_dtype, self.attention_layers
@@ -129,7 +143,7 @@ class ModelRunner:
             idle_s = time.perf_counter() - self.last_forward_end
             threads = batch_threads(len(input_ids), self.flops_per_token_per_layer, self.max_threads, idle_s)
         try:
-            with forward_context(ctx), torch_threads(threads):
+            with forward_context(ctx), self.core_share.running_batch(threads):
                 hidden = self.model(ids, torch.from_numpy(positions).to(self.device, non_blocking=True))
                 return self.pooler(hidden, ctx.cu_seqlens).cpu().numpy()
         finally:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -181,24 +182,25 @@ class Attention(nn.Module):
         return ctx.backend.forward_extend(q, k, v, self, ctx)
 
 
-_current_context: ForwardContext | None = None
+_local = threading.local()  # NOTE: per thread: the executor may run two batches at once
 
 
 @contextmanager
 def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
     """Makes `ctx` the batch that every `Attention` layer sees until the block exits."""
-    global _current_context
-    previous, _current_context = _current_context, ctx
+    previous = getattr(_local, "ctx", None)
+    _local.ctx = ctx
     try:
         yield ctx
     finally:
-        _current_context = previous
+        _local.ctx = previous
 
 
 def get_forward_context() -> ForwardContext:
-    if _current_context is None:
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None:
         raise RuntimeError("Attention ran outside `forward_context(...)`: no batch metadata is set")
-    return _current_context
+    return ctx
 
 
 def make_forward_context(
