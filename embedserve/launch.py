@@ -100,7 +100,11 @@ def set_child_env_defaults(environ: MutableMapping[str, str] = os.environ) -> No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = ServerArgs.from_cli_args(make_parser().parse_args(argv))
+    parser = make_parser()
+    try:
+        args = ServerArgs.from_cli_args(parser.parse_args(argv))
+    except ValueError as exc:
+        parser.error(str(exc))
     # NOTE: children must not inherit a half-initialised torch or a running event loop: spawn, never fork.
     set_child_env_defaults()
     return launch_server(args)

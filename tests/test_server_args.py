@@ -42,3 +42,19 @@ def test_help_names_every_option():
     ).stdout
     for f in dataclasses.fields(ServerArgs):
         assert "--" + f.name.replace("_", "-") in out
+
+
+def test_concurrent_batches_default_to_one_and_never_run_on_cuda():
+    cpu = ServerArgs(device="cpu")
+    assert cpu.executor_lanes == 1 and cpu.batches_in_flight == 2
+    assert ServerArgs(device="cpu", concurrent_batches=3).batches_in_flight == 3
+    assert ServerArgs(device="cuda", concurrent_batches=2).executor_lanes == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        ServerArgs(concurrent_batches=0)
+
+
+def test_a_bad_concurrent_batches_is_a_usage_error_not_a_traceback():
+    cmd = [sys.executable, "-m", "embedserve.launch", "--concurrent-batches", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--concurrent-batches must be at least 1" in r.stderr
+    assert "Traceback" not in r.stderr

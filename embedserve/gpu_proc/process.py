@@ -3,12 +3,15 @@
 A failing forward fails only its batch: every request in it gets a 500 with the error, and the
 executor goes on serving. Embeddings leave through the embedding ring; the batch's rows travel
 with the same message, so the output process sees metas, rows and drops in scheduling order.
+On the CPU two batches run at once, each on its own thread (`lanes.py`); results still leave in
+that order.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from multiprocessing.connection import Connection
 
@@ -17,6 +20,7 @@ import zmq
 
 from embedserve.gpu_proc.embedding_table import EmbeddingTable
 from embedserve.gpu_proc.kv_pool_size import kv_pool_tokens
+from embedserve.gpu_proc.lanes import InOrderSender, Job, Lanes
 from embedserve.ipc.child import child_process
 from embedserve.ipc.heap import HeapTrimmer
 from embedserve.ipc.ports import PortArgs
@@ -51,6 +55,8 @@ class ExecutorWorker:
             dtype=args.dtype,
             num_threads=args.executor_threads,
             attention_backend=args.attention_backend,
+            # NOTE: with lanes, only they may run OpenMP on several threads (see CoreShare)
+            build_threads=1 if args.executor_lanes > 1 else None,
         )
         if self.runner.supports_kv_cache and args.max_total_tokens != 0:
             self.runner.allocate_kv_pool(
@@ -67,19 +73,49 @@ class ExecutorWorker:
         self.inbox: ZmqPull[ExecutorInput] = ZmqPull(ctx, ports.executor_addr, ExecutorInput)
         self.to_scheduler: ZmqPush[SchedulerInput] = ZmqPush(ctx, ports.scheduler_addr)
         self.to_output: ZmqPush[DetokenizerInput] = ZmqPush(ctx, ports.detokenizer_addr)
-        self._handlers = {ForwardBatch: self.run_batch, DropRequests: self.to_output.send}
         self.trimmer = HeapTrimmer()
+        self.in_order = InOrderSender()
+        self._to_scheduler_lock = (
+            threading.Lock()
+        )  # NOTE: a ZMQ socket must not be used by two threads at once
+        lanes = args.executor_lanes
+        self.lanes = Lanes(lanes, self.run_job, on_start=lambda n: self._cap_lane(n, lanes))
         # NOTE: a fault-injection hook for the tests of "a crash in the forward fails only its batch";
         # unset in production, where nothing else reads it.
         fail_token = os.environ.get("EMBEDSERVE_TEST_FAIL_TOKEN_ID")
         self._fail_token = int(fail_token) if fail_token else None
 
+    def _cap_lane(self, n: int, lanes: int) -> None:
+        """In lane n's thread: lane 0 may take every thread, the others only their share."""
+        if n > 0:
+            self.runner.core_share.cap_this_thread(max(1, self.runner.max_threads // lanes))
+
     def run_forever(self) -> None:
         while True:
-            msg = self.trimmer.next_message(self.inbox)
-            self._handlers[type(msg)](msg)
+            self.handle(self.next_message())
 
-    def run_batch(self, batch: ForwardBatch) -> None:
+    def next_message(self) -> ExecutorInput:
+        """The inbox's next message; trims the heap once the lanes have been idle a while."""
+        while True:
+            timeout = self.trimmer.idle_timeout_ms()
+            if self.lanes.busy:  # NOTE: look again soon: a lane's batch ending does not wake this thread
+                timeout = max(timeout or 0, _BUSY_POLL_MS)
+            msg = self.inbox.recv(timeout_ms=timeout)
+            if msg is not None:
+                return msg
+            if not self.lanes.busy:
+                self.trimmer.on_idle()
+
+    def handle(self, msg: ExecutorInput) -> None:
+        ticket = self.in_order.take_ticket()
+        if isinstance(msg, ForwardBatch):
+            self.lanes.submit(msg, ticket)
+        elif isinstance(msg, DropRequests):  # forwarded after every batch that came before it
+            self.in_order.complete(ticket, lambda: self.to_output.send(msg))
+
+    def run_job(self, job: Job) -> None:
+        """In a lane thread: the forward, then the output (in order) and "done" to the scheduler."""
+        batch = job.batch
         finals = [s for s in batch.seqs if s.final]  # an earlier chunk's row is not an embedding
         out = BatchEmbeddings(
             batch_id=batch.batch_id,
@@ -92,22 +128,25 @@ class ExecutorWorker:
         )
         started = time.perf_counter()
         try:
-            out.embeddings = self._publish(self._embed(batch, finals))
+            out.embeddings = self._publish(self._embed(job, finals))
         except Exception as exc:
             logger.exception("Forward of batch %d failed", batch.batch_id)
             out.error = f"The model failed on this batch: {type(exc).__name__}: {exc}"
-        # NOTE: the output message goes first: once the scheduler hears "done" it may free the tokens.
-        self.to_output.send(out)
+            job.failed = True
+        forward_seconds = time.perf_counter() - started
+        # NOTE: the output message goes first when it can; one held behind an earlier batch still
+        # running does not hold back "done", which frees this lane for the scheduler's next batch.
+        self.in_order.complete(job.ticket, lambda: self.to_output.send(out))
         failed = sorted({s.rid for s in batch.seqs}) if out.error else []
-        self.to_scheduler.send(
-            BatchDone(
-                batch_id=batch.batch_id, forward_seconds=time.perf_counter() - started, failed_rids=failed
+        with self._to_scheduler_lock:
+            self.to_scheduler.send(
+                BatchDone(batch_id=batch.batch_id, forward_seconds=forward_seconds, failed_rids=failed)
             )
-        )
         self.trimmer.after_work()  # after "done", so the scheduler is not kept waiting
 
-    def _embed(self, batch: ForwardBatch, finals: list[SeqRef]) -> np.ndarray:
+    def _embed(self, job: Job, finals: list[SeqRef]) -> np.ndarray:
         """Rows of the batch's final inputs: computed, or read from the whole-input cache on a hit."""
+        batch = job.batch
         computed = [s for s in batch.seqs if s.length > 0]
         by_seq: dict[int, np.ndarray] = {}
         if computed:
@@ -121,7 +160,9 @@ class ExecutorWorker:
                     self.embedding_table.store(seq.emb_slot, row)
         if not finals:  # only chunks before the last: nothing to hand on yet
             return np.empty((0, self.runner.hidden_size), dtype=np.float32)
-        # NOTE: stored before read, so a hit on an input computed in this very batch finds its row.
+        # NOTE: stored before read, so a hit on an input computed in this very batch finds its row;
+        # one computed by a batch in another lane is read once that batch is done.
+        job.wait_for_reads()
         return np.stack(
             [self.embedding_table.read(s.emb_slot) if s.emb_hit else by_seq[id(s)] for s in finals]
         )
@@ -138,6 +179,9 @@ class ExecutorWorker:
         handle, view = self.embedding_ring.reserve(data.nbytes)
         np.frombuffer(view, dtype="<f4")[:] = data.reshape(-1)
         return RingRef(handle, data.nbytes)
+
+
+_BUSY_POLL_MS = 200
 
 
 def _kv_batch(plan: KvPlan | None):  # -> KvBatch | None

@@ -51,6 +51,7 @@ class SchedulerWorker:
         self.scheduler = Scheduler(
             args.prefill_token_budget,
             args.running_request_budget,
+            max_batches_in_flight=args.batches_in_flight,
             max_queued_tokens=args.max_queued_tokens,
             min_overlap_tokens=args.min_overlap_tokens,
             caches=cache_config(args),
