@@ -3,8 +3,8 @@
 A failing forward fails only its batch: every request in it gets a 500 with the error, and the
 executor goes on serving. Embeddings leave through the embedding ring; the batch's rows travel
 with the same message, so the output process sees metas, rows and drops in scheduling order.
-On the CPU two batches run at once, each on its own thread (`lanes.py`); results still leave in
-that order.
+With `--concurrent-batches N` on the CPU, N batches run at once, each on its own thread
+(`lanes.py`); results still leave in that order.
 """
 
 from __future__ import annotations
@@ -75,9 +75,8 @@ class ExecutorWorker:
         self.to_output: ZmqPush[DetokenizerInput] = ZmqPush(ctx, ports.detokenizer_addr)
         self.trimmer = HeapTrimmer()
         self.in_order = InOrderSender()
-        self._to_scheduler_lock = (
-            threading.Lock()
-        )  # NOTE: a ZMQ socket must not be used by two threads at once
+        # NOTE: lanes send "done" from their own threads, and a ZMQ socket must not be used by two at once
+        self._to_scheduler_lock = threading.Lock()
         lanes = args.executor_lanes
         self.lanes = Lanes(lanes, self.run_job, on_start=lambda n: self._cap_lane(n, lanes))
         # NOTE: a fault-injection hook for the tests of "a crash in the forward fails only its batch";
