@@ -89,3 +89,27 @@ def test_a_heap_that_grew_is_handed_back():
     trims, released = map(int, done.stdout.split())
     assert trims == 1
     assert released > 32 << 20
+
+
+class _QuietInbox:
+    """An inbox with nothing in it for `empty` calls, then one message; records each timeout."""
+
+    def __init__(self, empty: int):
+        self.empty, self.timeouts = empty, []
+
+    def recv(self, timeout_ms):
+        self.timeouts.append(timeout_ms)
+        if len(self.timeouts) <= self.empty:
+            return None
+        return "message"
+
+
+def test_no_idle_trim_while_work_runs_elsewhere_and_the_wait_looks_again_soon():
+    trimmer = HeapTrimmer(growth=1 << 40, idle_s=0)
+    trimmer.after_work()  # due for an idle trim at once...
+    inbox = _QuietInbox(empty=3)
+    assert trimmer.next_message(inbox, busy=lambda: True) == "message"
+    assert trimmer.trims == 0  # ...but the lanes were busy all along
+    assert all(t == heap.BUSY_POLL_MS for t in inbox.timeouts)
+    assert trimmer.next_message(_QuietInbox(empty=1), busy=lambda: False) == "message"
+    assert trimmer.trims == 1  # idle now: trimmed once

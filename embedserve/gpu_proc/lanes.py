@@ -83,12 +83,10 @@ class InOrderSender:
 class Lanes:
     """`count` threads, each running `work(job)` for one submitted batch at a time.
 
-    A batch goes to the first idle lane, so one request at a time always runs on lane 0. With one
-    lane there is no thread: `submit` runs the batch in the caller's (measured: a lane thread cost
-    ~0.5 ms per query back to back, and a hand-off per batch to a thread that holds the GIL).
-    NOTE: each lane thread has its own OpenMP workers; alternating lanes left every forward to a
-    worker idle for two requests' time, whose vCPU the hypervisor had descheduled (one query back
-    to back: 18 ms against 12-15 on one thread of control).
+    A batch goes to the first idle lane, so one request at a time always runs on lane 0, whose
+    OpenMP pool is the only one with several threads (see `CoreShare`; batches handed to any free
+    lane in turn made one query back to back 18 ms against 12-15). With one lane there is no
+    thread: `submit` runs the batch in the caller's (a hand-off cost ~0.5 ms per query).
     """
 
     def __init__(
@@ -101,7 +99,6 @@ class Lanes:
         self._work = work
         self._on_start = on_start
         self._inboxes: list[queue.SimpleQueue[Job]] = [queue.SimpleQueue() for _ in range(count)]
-        # NOTE: one lane runs each batch inside `submit`, in the caller's thread: no hand-off
         self._lane_busy = [False] * count
         self._waiting: deque[Job] = deque()  # submitted while every lane was busy
         self._lock = threading.Lock()

@@ -91,19 +91,7 @@ class ExecutorWorker:
 
     def run_forever(self) -> None:
         while True:
-            self.handle(self.next_message())
-
-    def next_message(self) -> ExecutorInput:
-        """The inbox's next message; trims the heap once the lanes have been idle a while."""
-        while True:
-            timeout = self.trimmer.idle_timeout_ms()
-            if self.lanes.busy:  # NOTE: look again soon: a lane's batch ending does not wake this thread
-                timeout = max(timeout or 0, _BUSY_POLL_MS)
-            msg = self.inbox.recv(timeout_ms=timeout)
-            if msg is not None:
-                return msg
-            if not self.lanes.busy:
-                self.trimmer.on_idle()
+            self.handle(self.trimmer.next_message(self.inbox, busy=lambda: self.lanes.busy))
 
     def handle(self, msg: ExecutorInput) -> None:
         ticket = self.in_order.take_ticket()
@@ -178,9 +166,6 @@ class ExecutorWorker:
         handle, view = self.embedding_ring.reserve(data.nbytes)
         np.frombuffer(view, dtype="<f4")[:] = data.reshape(-1)
         return RingRef(handle, data.nbytes)
-
-
-_BUSY_POLL_MS = 200
 
 
 def _kv_batch(plan: KvPlan | None):  # -> KvBatch | None

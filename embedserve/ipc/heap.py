@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ T = TypeVar("T")
 
 GROWTH_BEFORE_TRIM = 256 * 1024 * 1024
 IDLE_BEFORE_TRIM_S = 2.0
+BUSY_POLL_MS = 200
 
 _trim = None
 try:
@@ -70,13 +72,21 @@ class HeapTrimmer:
         elif rss > self._working_set + self.growth:
             self.trim()
 
-    def next_message(self, inbox: ZmqPull[T]) -> T:
-        """The inbox's next message; past IDLE_BEFORE_TRIM_S of waiting after work, trim once."""
+    def next_message(self, inbox: ZmqPull[T], busy: Callable[[], bool] = lambda: False) -> T:
+        """The inbox's next message; past IDLE_BEFORE_TRIM_S of waiting after work, trim once.
+
+        `busy`: work runs on other threads (the executor's lanes); no trim while it does, and the
+        wait wakes every BUSY_POLL_MS to look again, since work ending there does not wake it.
+        """
         while True:
-            msg = inbox.recv(timeout_ms=self.idle_timeout_ms())
+            timeout = self.idle_timeout_ms()
+            if busy():
+                timeout = max(timeout or 0, BUSY_POLL_MS)
+            msg = inbox.recv(timeout_ms=timeout)
             if msg is not None:
                 return msg
-            self.on_idle()
+            if not busy():
+                self.on_idle()
 
     def idle_timeout_ms(self) -> int | None:
         """How long the caller may block before an idle trim is due; None: nothing to trim, block freely."""
