@@ -139,8 +139,9 @@ class ServerArgs:
     )
     concurrent_batches: int | None = _opt(
         None,
-        "Batches the executor runs at once on the CPU, the threads split between them (try 2 for "
-        "bulk embedding on a small CPU: see the README). Default 1; always 1 on CUDA.",
+        "Batches the executor runs at once on the CPU, the threads split between them; a batch runs "
+        "beside another only when it is full (half the token budget or more). Default: 2 where the "
+        "executor has 2 threads (measured to pay there), else 1; always 1 on CUDA.",
     )
     log_level: str = _opt(
         "info", "Logging level of every process.", choices=["debug", "info", "warning", "error", "critical"]
@@ -218,9 +219,18 @@ class ServerArgs:
         """Batches the executor runs at the same time (see gpu_proc/lanes.py)."""
         if self.device != "cpu":
             return 1
-        # NOTE: one by default: measured on two cores, two lanes gave +2-17 % tokens/s at 16 clients
-        # x 8 inputs (bf16 +5-22 %) but lost up to ~10 % at 16 x 1, where batches are small.
-        return self.concurrent_batches or 1
+        if self.concurrent_batches is not None:
+            return self.concurrent_batches
+        # NOTE: measured on 2 cores: two lanes gave +2-17 % tokens/s at 16 clients x 8 inputs, and
+        # with only full batches beside another (`lane_min_tokens`) level at 16 x 1 and for one
+        # query. With more threads a second lane gets an OpenMP pool of its own, which was slow
+        # here (gpu_proc/cpu_threads.CoreShare): unmeasured, so one lane there.
+        return 2 if self.executor_threads == 2 else 1
+
+    @property
+    def lane_min_tokens(self) -> int:
+        """Tokens a batch needs to run beside another (see gpu_proc/lanes.py): a full one."""
+        return self.prefill_token_budget // 2
 
     @property
     def batches_in_flight(self) -> int:

@@ -19,8 +19,8 @@ def batch(batch_id: int, *seqs: SeqRef, kv: bool = False) -> ForwardBatch:
     return ForwardBatch(batch_id=batch_id, seqs=list(seqs) or [seq()], kv=plan)
 
 
-def seq(slot: int = -1, hit: bool = False) -> SeqRef:
-    return SeqRef("r", 0, RingRef(0, 4), 0, 0 if hit else 1, emb_slot=slot, emb_hit=hit)
+def seq(slot: int = -1, hit: bool = False, length: int = 1) -> SeqRef:
+    return SeqRef("r", 0, RingRef(0, 4 * length), 0, 0 if hit else length, emb_slot=slot, emb_hit=hit)
 
 
 def test_in_order_sender_holds_a_later_ticket_until_the_earlier_one_is_sent():
@@ -118,6 +118,27 @@ def test_a_hit_on_a_slot_whose_writer_failed_fails_instead_of_reading_garbage():
     assert reader.read_after == [writer]
     assert reader.done.wait(WAIT_S)
     assert writer.failed and reader.failed  # the lane survived both and went on
+
+
+def test_only_a_full_batch_runs_beside_another_and_a_small_one_waits_for_lane_0():
+    release_first = threading.Event()
+    started: dict[int, str] = {}
+
+    def work(job: Job) -> None:
+        started[job.batch.batch_id] = threading.current_thread().name
+        if job.batch.batch_id == 0:
+            release_first.wait(WAIT_S)
+
+    lanes = Lanes(2, work, beside_min_tokens=100)
+    first = lanes.submit(batch(0, seq(length=50)), 0)
+    small = lanes.submit(batch(1, seq(length=60)), 1)
+    full = lanes.submit(batch(2, seq(length=40), seq(length=60)), 2)
+    hits = lanes.submit(batch(3, seq(slot=5, hit=True)), 3)  # computes nothing
+    assert full.done.wait(WAIT_S) and hits.done.wait(WAIT_S)
+    assert not small.done.is_set()  # behind the first, though lane 1 was free
+    release_first.set()
+    assert small.done.wait(WAIT_S) and first.done.wait(WAIT_S)
+    assert started == {0: "lane-0", 1: "lane-0", 2: "lane-1", 3: "lane-1"}
 
 
 def test_at_least_one_lane():

@@ -91,10 +91,11 @@ def test_a_copy_arriving_while_the_first_is_computed_reads_the_finished_row(two_
 def test_a_request_split_over_two_batches_is_answered_when_the_later_batch_ends_first(
     two_lanes, bundled_model_path
 ):
-    """245 + 30 tokens exceed the 256-token budget: the short input's batch, on the other lane,
-    ends long before the passage's, yet the request's metadata rides on the passage's batch."""
+    """245 + ~140 tokens exceed the 256-token budget: the shorter input's batch (full enough to run
+    beside the other: half the budget) ends before the passage's, yet the request's metadata rides
+    on the passage's batch."""
     for k in range(4):
-        texts = [passage(f"split {k}"), " ".join(["short query words"] * 9) + f" {k}"]
+        texts = [passage(f"split {k}"), " ".join(["short query words"] * 45) + f" {k}"]
         r = two_lanes.post("/v1/embeddings", {"input": texts})
         assert r.status_code == 200, r.text
         got = [d["embedding"] for d in r.json()["data"]]

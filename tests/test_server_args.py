@@ -44,9 +44,13 @@ def test_help_names_every_option():
         assert "--" + f.name.replace("_", "-") in out
 
 
-def test_concurrent_batches_default_to_one_and_never_run_on_cuda():
-    cpu = ServerArgs(device="cpu")
-    assert cpu.executor_lanes == 1 and cpu.batches_in_flight == 2
+def test_concurrent_batches_default_to_two_on_two_threads_else_one_and_never_run_on_cuda():
+    two = ServerArgs(device="cpu", num_threads=2)
+    assert two.executor_lanes == 2 and two.batches_in_flight == 2
+    assert two.lane_min_tokens == two.prefill_token_budget // 2
+    assert ServerArgs(device="cpu", num_threads=4).executor_lanes == 1
+    assert ServerArgs(device="cpu", num_threads=1).executor_lanes == 1
+    assert ServerArgs(device="cpu", num_threads=2, concurrent_batches=1).executor_lanes == 1
     assert ServerArgs(device="cpu", concurrent_batches=3).batches_in_flight == 3
     assert ServerArgs(device="cuda", concurrent_batches=2).executor_lanes == 1
     with pytest.raises(ValueError, match="at least 1"):

@@ -8,6 +8,14 @@ vCPUs, all-MiniLM-L6-v2 fp32 in-process, 600-token batches: one batch at a time 
 (20 % of a core in bursts, like the pipeline at 16 clients x 1 input) 5.5-5.8k against 6.9k. A batch
 that runs alone still gets every thread (`cpu_threads.CoreShare`).
 
+Only a batch of at least `beside_min_tokens` (or of cache hits only, which computes nothing) runs
+beside another; a smaller one waits for lane 0.
+A partial batch means there is no backlog, and on one core beside another it would outlive the
+batch it joined and leave the other core idle; full batches (a backlog) keep both lanes busy.
+Measured at 16 clients x 1 input (batches of ~600-1,200 tokens): a second lane taking any batch
+lost up to 11 % tokens/s; taking only those of half the token budget or more, level with one lane,
+while 16 x 8 keeps the gain.
+
 Order: a request's metadata rides on the first batch that holds one of its inputs, so the output
 process must see batches, and the drops between them, in the order the scheduler sent them; a
 batch that finishes early waits in `InOrderSender` for the ones before it. Two batches may also
@@ -83,19 +91,25 @@ class InOrderSender:
 class Lanes:
     """`count` threads, each running `work(job)` for one submitted batch at a time.
 
-    A batch goes to the first idle lane, so one request at a time always runs on lane 0, whose
-    OpenMP pool is the only one with several threads (see `CoreShare`; batches handed to any free
-    lane in turn made one query back to back 18 ms against 12-15). With one lane there is no
-    thread: `submit` runs the batch in the caller's (a hand-off cost ~0.5 ms per query).
+    A batch goes to the first idle lane that may take it, so one request at a time always runs on
+    lane 0, whose OpenMP pool is the only one with several threads (see `CoreShare`; batches handed
+    to any free lane in turn made one query back to back 18 ms against 12-15). With one lane there
+    is no thread: `submit` runs the batch in the caller's.
     """
 
     def __init__(
-        self, count: int, work: Callable[[Job], None], on_start: Callable[[int], None] | None = None
+        self,
+        count: int,
+        work: Callable[[Job], None],
+        on_start: Callable[[int], None] | None = None,
+        beside_min_tokens: int = 0,
     ):
-        """`on_start(n)` runs first in lane n's thread."""
+        """`on_start(n)` runs first in lane n's thread; lanes other than 0 take only batches of at
+        least `beside_min_tokens` tokens."""
         if count < 1:
             raise ValueError(f"at least one lane, not {count}")
         self.count = count
+        self.beside_min_tokens = beside_min_tokens
         self._work = work
         self._on_start = on_start
         self._inboxes: list[queue.SimpleQueue[Job]] = [queue.SimpleQueue() for _ in range(count)]
@@ -138,7 +152,7 @@ class Lanes:
             self._in_flight.append(job)
             if self.count == 1:
                 lane = None
-            elif (lane := self._claim_idle_lane()) is None:
+            elif (lane := self._claim_idle_lane(job)) is None:
                 self._waiting.append(job)
                 return job
         if lane is None:  # NOTE: one lane is the caller's own thread
@@ -147,11 +161,25 @@ class Lanes:
             self._inboxes[lane].put(job)
         return job
 
-    def _claim_idle_lane(self) -> int | None:
-        lane = next((n for n, busy in enumerate(self._lane_busy) if not busy), None)
+    def _may_run_on(self, lane: int, job: Job) -> bool:
+        # NOTE: a batch of cache hits only computes nothing: it never keeps a core from another
+        tokens = sum(s.length for s in job.batch.seqs)
+        return lane == 0 or tokens == 0 or tokens >= self.beside_min_tokens
+
+    def _claim_idle_lane(self, job: Job) -> int | None:
+        lane = next(
+            (n for n, busy in enumerate(self._lane_busy) if not busy and self._may_run_on(n, job)), None
+        )
         if lane is not None:
             self._lane_busy[lane] = True
         return lane
+
+    def _next_waiting(self, lane: int) -> Job | None:
+        """The earliest waiting batch this lane may run, taken off the queue."""
+        job = next((j for j in self._waiting if self._may_run_on(lane, j)), None)
+        if job is not None:
+            self._waiting.remove(job)
+        return job
 
     def _lane(self, n: int) -> None:
         if self._on_start is not None:
@@ -162,7 +190,7 @@ class Lanes:
                 job = self._inboxes[n].get()
             self._run(job)
             with self._lock:
-                job = self._waiting.popleft() if self._waiting else None
+                job = self._next_waiting(n)
                 self._lane_busy[n] = job is not None
 
     def _run(self, job: Job) -> None:

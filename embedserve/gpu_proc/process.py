@@ -3,8 +3,8 @@
 A failing forward fails only its batch: every request in it gets a 500 with the error, and the
 executor goes on serving. Embeddings leave through the embedding ring; the batch's rows travel
 with the same message, so the output process sees metas, rows and drops in scheduling order.
-With `--concurrent-batches N` on the CPU, N batches run at once, each on its own thread
-(`lanes.py`); results still leave in that order.
+On a CPU of two threads (or with `--concurrent-batches N`), full batches run two (N) at once, each
+on its own thread (`lanes.py`); results still leave in that order.
 """
 
 from __future__ import annotations
@@ -78,7 +78,12 @@ class ExecutorWorker:
         # NOTE: lanes send "done" from their own threads, and a ZMQ socket must not be used by two at once
         self._to_scheduler_lock = threading.Lock()
         lanes = args.executor_lanes
-        self.lanes = Lanes(lanes, self.run_job, on_start=lambda n: self._cap_lane(n, lanes))
+        self.lanes = Lanes(
+            lanes,
+            self.run_job,
+            on_start=lambda n: self._cap_lane(n, lanes),
+            beside_min_tokens=args.lane_min_tokens,
+        )
         # NOTE: a fault-injection hook for the tests of "a crash in the forward fails only its batch";
         # unset in production, where nothing else reads it.
         fail_token = os.environ.get("EMBEDSERVE_TEST_FAIL_TOKEN_ID")
