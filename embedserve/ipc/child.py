@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -41,6 +42,14 @@ class LauncherChannel:
             pass  # the launcher is gone; PDEATHSIG ends us shortly
 
     def ready(self, **info: Any) -> None:
+        """Tells the launcher this process serves; what start-up built is frozen out of the collector.
+
+        NOTE: imports, the app and the model live as long as the process. Left to the collector,
+        every full pass walks them all: under load the HTTP process's took 33 ms, stalling every
+        request in flight. Frozen, a pass walks only what serving allocates.
+        """
+        gc.collect()
+        gc.freeze()
         self.send("ready", **info)
 
 
