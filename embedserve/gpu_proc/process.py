@@ -84,6 +84,12 @@ class ExecutorWorker:
             on_start=lambda n: self._cap_lane(n, lanes),
             beside_min_tokens=args.lane_min_tokens,
         )
+        if lanes > 1:
+            logger.info(
+                "Concurrent batches: %d, one thread each; a batch runs beside another from %d tokens.",
+                lanes,
+                args.lane_min_tokens,
+            )
         # NOTE: a fault-injection hook for the tests of "a crash in the forward fails only its batch";
         # unset in production, where nothing else reads it.
         fail_token = os.environ.get("EMBEDSERVE_TEST_FAIL_TOKEN_ID")
