@@ -86,7 +86,7 @@ class ExecutorWorker:
         )
         if lanes > 1:
             logger.info(
-                "Concurrent batches: %d, one thread each; a batch runs beside another from %d tokens.",
+                "Concurrent batches: %d, the threads split between them; a batch runs beside another from %d tokens.",
                 lanes,
                 args.lane_min_tokens,
             )
