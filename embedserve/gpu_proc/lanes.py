@@ -9,9 +9,9 @@ vCPUs, all-MiniLM-L6-v2 fp32 in-process, 600-token batches: one batch at a time 
 that runs alone still gets every thread (`cpu_threads.CoreShare`).
 
 Only a batch of at least `beside_min_tokens` (or of cache hits only, which computes nothing) runs
-beside another; a smaller one waits for lane 0.
-A partial batch means there is no backlog, and on one core beside another it would outlive the
-batch it joined and leave the other core idle; full batches (a backlog) keep both lanes busy.
+beside another; a smaller one waits for lane 0. A partial batch means there is no backlog, and on
+one core beside another it would outlive the batch it joined and leave the other core idle; full
+batches (a backlog) keep both lanes busy.
 Measured at 16 clients x 1 input (batches of ~600-1,200 tokens): a second lane taking any batch
 lost up to 11 % tokens/s; taking only those of half the token budget or more, level with one lane,
 while 16 x 8 keeps the gain.
