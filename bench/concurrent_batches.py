@@ -49,10 +49,6 @@ def child(lanes: int, dtype: str, batch_tokens: int, seconds: float) -> float:
     )
     runner.embed(*work[0])
 
-    def cap(n: int) -> None:
-        if n > 0:
-            runner.core_share.cap_this_thread(max(1, threads // lanes))
-
     tokens = [0]
 
     def run(job: Job) -> None:
@@ -60,7 +56,7 @@ def child(lanes: int, dtype: str, batch_tokens: int, seconds: float) -> float:
         runner.embed(batch_ids, lens)
         tokens[0] += len(batch_ids)
 
-    pool = Lanes(lanes, run, on_start=cap)
+    pool = Lanes(lanes, run, on_start=lambda n: runner.core_share.enter_lane(n, lanes))
     started, n, in_flight = time.perf_counter(), 0, []
     while time.perf_counter() - started < seconds:
         in_flight.append(pool.submit(ForwardBatch(batch_id=n, seqs=[]), n))

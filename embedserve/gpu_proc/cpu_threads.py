@@ -43,7 +43,7 @@ class CoreShare:
     A batch enters with `running_batch(wanted)` (its own ceiling: `batch_threads`) and calls
     `rebalance()` before each layer: alone it takes up to every thread, beside another batch half of
     them. The count is torch's per calling thread (OpenMP's nthreads ICV), so two lanes each set
-    their own; `cap_this_thread` bounds a lane for good.
+    their own; `enter_lane` bounds a lane other than the first for good.
 
     NOTE: only one thread of control may ever run OpenMP regions on several threads: each such
     thread gets its own libgomp worker pool. Measured (10-token forward, 2 vCPUs): in a second
@@ -58,9 +58,11 @@ class CoreShare:
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def cap_this_thread(self, count: int) -> None:
-        """This thread's batches never take more than `count` threads."""
-        self._local.cap = count
+    def enter_lane(self, lane: int, lanes: int) -> None:
+        """In lane `lane`'s thread (of `lanes`): lane 0 may take every thread, the others, for good,
+        only their share."""
+        if lane > 0:
+            self._local.cap = max(1, self.max_threads // lanes)
 
     @property
     def running(self) -> int:

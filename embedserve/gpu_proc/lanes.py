@@ -114,7 +114,7 @@ class Lanes:
         self._on_start = on_start
         self._inboxes: list[queue.SimpleQueue[Job]] = [queue.SimpleQueue() for _ in range(count)]
         self._lane_busy = [False] * count
-        self._waiting: deque[Job] = deque()  # submitted while every lane was busy
+        self._waiting: deque[Job] = deque()  # submitted while no idle lane could take them
         self._lock = threading.Lock()
         self._in_flight: list[Job] = []
         self._alone: Job | None = None  # the KV batch that runs by itself, while it is not done

@@ -81,7 +81,7 @@ class ExecutorWorker:
         self.lanes = Lanes(
             lanes,
             self.run_job,
-            on_start=lambda n: self._cap_lane(n, lanes),
+            on_start=lambda n: self.runner.core_share.enter_lane(n, lanes),
             beside_min_tokens=args.lane_min_tokens,
         )
         if lanes > 1:
@@ -94,11 +94,6 @@ class ExecutorWorker:
         # unset in production, where nothing else reads it.
         fail_token = os.environ.get("EMBEDSERVE_TEST_FAIL_TOKEN_ID")
         self._fail_token = int(fail_token) if fail_token else None
-
-    def _cap_lane(self, n: int, lanes: int) -> None:
-        """In lane n's thread: lane 0 may take every thread, the others only their share."""
-        if n > 0:
-            self.runner.core_share.cap_this_thread(max(1, self.runner.max_threads // lanes))
 
     def run_forever(self) -> None:
         while True:
