@@ -56,6 +56,21 @@ def test_corpus_file_plain_and_jsonl(tmp_path):
     assert load_corpus_file(jsonl) == ["a", "b"]
 
 
+@pytest.mark.parametrize(
+    ("second_line", "says"),
+    [
+        ('{"txt": "b"}', 'line 3 has no "text"'),
+        ('{"text": 5}', 'line 3 has no "text"'),
+        ("{oops", "line 3 is not JSON"),
+    ],
+)
+def test_corpus_file_names_the_bad_jsonl_line(tmp_path, second_line, says):
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"text": "a"}\n\n' + second_line + "\n")
+    with pytest.raises(ValueError, match=says):
+        load_corpus_file(jsonl)
+
+
 @pytest.mark.parametrize("length", [16, 64, 256])
 def test_fixed_length_corpus_is_exactly_that_long(model_path, length):
     texts = make_fixed_length_corpus(30, length, seed=2, tokenizer_path=model_path)

@@ -60,12 +60,28 @@ def make_fixed_length_corpus(n: int, tokens: int, seed: int, tokenizer_path: str
 
 def load_corpus_file(path: str | Path) -> list[str]:
     """Texts from a file: JSONL with a "text" field per line, or else one plain text per line."""
-    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
+    numbered = [
+        (number, line)
+        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1)
+        if line.strip()
+    ]
+    if not numbered:
         raise ValueError(f"{path}: no texts")
-    if lines[0].lstrip().startswith("{"):
-        return [json.loads(line)["text"] for line in lines]
-    return lines
+    if numbered[0][1].lstrip().startswith("{"):
+        return [_jsonl_text(path, number, line) for number, line in numbered]
+    return [line for _, line in numbered]
+
+
+def _jsonl_text(path: str | Path, number: int, line: str) -> str:
+    """The "text" of JSONL line `number`; a ValueError naming the line when it has none."""
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{path}: line {number} is not JSON ({exc})") from None
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise ValueError(f'{path}: line {number} has no "text" string field')
+    return text
 
 
 class _TextBuilder:
