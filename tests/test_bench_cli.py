@@ -69,6 +69,24 @@ def test_no_server_is_said_plainly(tmp_path):
     assert done.returncode == 2 and "no embeddings server answers at http://127.0.0.1:9" in done.stderr
 
 
+def test_vs_vllm_without_an_interpreter_is_a_usage_error(server, tmp_path):
+    done = bench("--url", server.url, "--vs-vllm", str(tmp_path / "no-python"), "--duration", "1")
+    assert done.returncode == 2 and "not an executable Python" in done.stderr
+
+
+def test_vs_vllm_that_cannot_start_says_why_without_a_traceback(server, tmp_path):
+    # stands in for a venv whose vLLM is broken: the "interpreter" prints an error and exits
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'vllm'\" >&2\nexit 1\n")
+    broken.chmod(0o755)
+    done = bench(
+        "--url", server.url, "--vs-vllm", str(broken), "--duration", "1", "--vllm-ready-timeout", "60"
+    )
+    assert done.returncode == 2, done.stderr
+    assert "vLLM did not start" in done.stderr and "No module named 'vllm'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_help_documents_the_vllm_side_by_side():
     done = bench("--help")
     assert done.returncode == 0 and "--vs-vllm" in done.stdout and "truncate" not in done.stderr

@@ -165,13 +165,25 @@ def main(argv: list[str] | None = None) -> int:
         vllm_model = a.vllm_model_path or facts.get("model_path")
         if not vllm_model or not Path(vllm_model).is_dir():
             p.error("--vs-vllm needs the model folder: --vllm-model-path DIR")
+        if not os.access(a.vs_vllm, os.X_OK):
+            p.error(f"--vs-vllm {a.vs_vllm}: not an executable Python (give the vLLM venv's bin/python)")
         port = free_port()
         log = Path(tempfile.gettempdir()) / f"embedserve-bench-vllm-{port}.log"
         print(f"starting vLLM ({a.vs_vllm}); its log: {log}", file=sys.stderr)
         env = {**os.environ, **vllm_env()}
         cmd = vllm_command(a.vs_vllm, port, vllm_model, a.vllm_dtype)
-        with running_server(cmd, port, log, a.vllm_ready_timeout, env=env) as vllm_url:
-            baseline = run_loads(vllm_url, first_model(vllm_url), loads, a, texts, tokens, VLLM_EXTRA_BODY)
+        started = False
+        try:
+            with running_server(cmd, port, log, a.vllm_ready_timeout, env=env) as vllm_url:
+                started = True
+                baseline = run_loads(
+                    vllm_url, first_model(vllm_url), loads, a, texts, tokens, VLLM_EXTRA_BODY
+                )
+        except (RuntimeError, TimeoutError) as exc:
+            if started:
+                raise
+            print(f"embedserve bench: vLLM did not start (its log: {log}): {exc}", file=sys.stderr)
+            return 2
     ours = run_loads(url, model, loads, a, texts, tokens)
     print()
     print(format_table(ours, baseline))
