@@ -72,7 +72,7 @@ def neighbour(busy_ms: float, period_ms: float) -> subprocess.Popen:
     code = (
         "import time\n"
         "while True:\n"
-        f"    t = time.perf_counter()\n"
+        "    t = time.perf_counter()\n"
         f"    while time.perf_counter() - t < {busy_ms / 1000}: pass\n"
         f"    time.sleep({(period_ms - busy_ms) / 1000})\n"
     )
