@@ -67,7 +67,7 @@ class LaunchedServer:
         return glob.glob(f"/dev/shm/embedserve-{self.proc.pid}-*")
 
     def post(self, path: str, payload: object, **kw) -> requests.Response:
-        return requests.post(self.url + path, json=payload, timeout=60, **kw)
+        return requests.post(self.url + path, json=payload, **{"timeout": 60, **kw})
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:

@@ -150,6 +150,47 @@ def test_disconnected_client_has_its_work_skipped(plain):
     assert scheduled_tokens(plain, since) < 6 * 40 * 245 / 2, "abandoned requests were still computed"
 
 
+def test_a_huge_text_is_refused_without_holding_up_others(plain):
+    huge = {"input": "word " * 2_000_000}  # 10 MB: tokenized whole, 10 s and gigabytes in the tokenizer
+    answers: dict[str, requests.Response] = {}
+    sender = threading.Thread(target=lambda: answers.update(huge=plain.post("/v1/embeddings", huge)))
+    sender.start()
+    probe = plain.post("/v1/embeddings", {"input": "a short query"}, timeout=8)
+    sender.join(timeout=8)
+    assert probe.status_code == 200 and not sender.is_alive()
+    error = assert_openai_error(answers["huge"], 400)
+    assert error["code"] == "context_length_exceeded" and "64,000 are read" in error["message"]
+    # NOTE: under the character bound, a long text is counted only until it is known to be too long
+    error = assert_openai_error(plain.post("/v1/embeddings", {"input": ["ok", "word " * 12_000]}), 400)
+    assert "Input 1 has at least" in error["message"] and "256" in error["message"]
+
+
+def test_a_text_over_the_character_bound_is_refused(plain):
+    error = assert_openai_error(plain.post("/v1/embeddings", {"input": " " * 70_000 + "hi"}), 400)
+    assert "64,000" in error["message"] and "--allow-auto-truncate" in error["message"]
+    assert healthy(plain)
+
+
+def test_a_client_leaving_mid_body_is_499_not_500(plain):
+    def count(status: str) -> float:
+        text = requests.get(f"{plain.url}/metrics", timeout=10).text
+        pattern = rf'^embedserve_requests_total{{[^}}]*endpoint="/v1/embeddings"[^}}]*status="{status}"[^}}]*}} (\S+)$'
+        return sum(float(v) for v in re.findall(pattern, text, flags=re.M))
+
+    left, failed, since = count("499"), count("500"), len(plain.log())
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", plain.port))
+        s.sendall(b'POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"input": "hel')
+        time.sleep(0.2)
+        s.close()
+    deadline = time.monotonic() + 10
+    while count("499") < left + 3:
+        assert time.monotonic() < deadline, "the departed clients were not counted as 499"
+        time.sleep(0.1)
+    assert count("500") == failed and "Traceback" not in plain.log()[since:]
+    assert serves_again(plain)
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_0(launch):
     server = launch("--shutdown-timeout", "60")
     outcome: dict[str, int] = {}

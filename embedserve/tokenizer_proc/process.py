@@ -1,7 +1,8 @@
 """The tokenizer process: turns requests into token ids in the token ring, or into a clear 400.
 
 Texts of every request waiting at once are encoded in one batch call. Inputs over the context
-length fail the request (naming the limit and the input) unless --allow-auto-truncate is set.
+length fail the request (naming the limit and the input) unless --allow-auto-truncate is set; a long
+text is read only as far as that decision needs (long_text.py).
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ from embedserve.messages import (
 )
 from embedserve.model_config import model_config_from_args
 from embedserve.server_args import ServerArgs
+from embedserve.tokenizer_proc.long_text import MAX_CHARS_PER_TOKEN, is_long, max_chars
 from embedserve.tokenizer_proc.text_tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
 
 class InputTooLong(Exception):
-    def __init__(self, index: int, length: int, limit: int):
+    def __init__(self, index: int, length: int, limit: int, counted_in_part: bool = False):
+        """`counted_in_part`: `length` counts only a prefix of the input (see long_text.py)."""
+        tokens = f"at least {length}" if counted_in_part else str(length)
         super().__init__(
-            f"Input {index} has {length} tokens, more than the model's context length of {limit} tokens. "
+            f"Input {index} has {tokens} tokens, more than the model's context length of {limit} tokens. "
             "Shorten it, or start the server with --allow-auto-truncate."
         )
 
@@ -62,14 +66,16 @@ class TokenizerWorker:
     def handle(self, msgs: list[TokenizerInput]) -> None:
         started = time.perf_counter()
         aborted = {m.rid for m in msgs if isinstance(m, AbortRequest)}
-        requests = [m for m in msgs if isinstance(m, EmbedRequest) and m.meta.rid not in aborted]
+        requests = [
+            m for m in msgs if isinstance(m, EmbedRequest) and m.meta.rid not in aborted and self._readable(m)
+        ]
         texts = [t for r in requests if r.texts is not None for t in r.texts]
         limit = self.context_length if self.truncate else None
-        encoded = iter(self.tokenizer.encode_batch(texts, max_length=limit))
+        encoded = iter(self.tokenizer.encode_batch(texts, max_length=limit, stop_above=self.context_length))
         for request in requests:
             if request.texts is not None:
                 ids = [next(encoded) for _ in request.texts]
-                self._submit(request, ids, started)
+                self._submit(request, ids, started, request.texts)
             else:
                 self._submit(request, _split_token_ids(request), started)
         for rid in aborted:
@@ -78,12 +84,40 @@ class TokenizerWorker:
             if isinstance(msg, FlushCache):  # passes through, in order behind the requests before it
                 self.to_scheduler.send(msg)
 
+    def _readable(self, request: EmbedRequest) -> bool:
+        """False, once the client is told, for a text over the characters the tokenizer reads."""
+        if self.truncate or request.texts is None:
+            return True
+        cap = max_chars(self.context_length)
+        index = next((i for i, text in enumerate(request.texts) if len(text) > cap), None)
+        if index is None:
+            return True
+        message = (
+            f"Input {index} has {len(request.texts[index]):,} characters; at most {cap:,} are read "
+            f"({MAX_CHARS_PER_TOKEN} per token of the model's context length of {self.context_length} "
+            "tokens). Shorten it, or start the server with --allow-auto-truncate."
+        )
+        self.to_http.send(
+            RequestFailed(
+                rid=request.meta.rid,
+                status=400,
+                message=message,
+                param="input",
+                code="context_length_exceeded",
+            )
+        )
+        return False
+
     def _submit(
-        self, request: EmbedRequest, inputs: list[list[int]] | list[np.ndarray], started: float
+        self,
+        request: EmbedRequest,
+        inputs: list[list[int]] | list[np.ndarray],
+        started: float,
+        texts: list[str] | None = None,
     ) -> None:
         rid = request.meta.rid
         try:
-            arrays = self._checked_lengths(inputs)
+            arrays = self._checked_lengths(inputs, texts)
         except InputTooLong as exc:
             self.to_http.send(
                 RequestFailed(
@@ -126,16 +160,28 @@ class TokenizerWorker:
             )
         )
 
-    def _checked_lengths(self, inputs: list[list[int]] | list[np.ndarray]) -> list[np.ndarray]:
+    def _checked_lengths(
+        self, inputs: list[list[int]] | list[np.ndarray], texts: list[str] | None
+    ) -> list[np.ndarray]:
         arrays = [np.asarray(ids, dtype="<i4") for ids in inputs]
         for index, ids in enumerate(arrays):
             if ids.size > self.context_length:
                 if not self.truncate:
-                    raise InputTooLong(index, int(ids.size), self.context_length)
+                    in_part = texts is not None and is_long(texts[index], self.context_length)
+                    raise InputTooLong(index, int(ids.size), self.context_length, in_part)
                 # NOTE: only token-id inputs reach here when truncating: texts were truncated by the
-                # tokenizer itself, which keeps the closing special tokens.
-                arrays[index] = ids[: self.context_length]
+                # tokenizer itself, which keeps the closing special tokens; so must this.
+                arrays[index] = truncate_ids(ids, self.context_length, self.tokenizer.closing_ids)
         return arrays
+
+
+def truncate_ids(ids: np.ndarray, limit: int, closing: list[int]) -> np.ndarray:
+    """The first `limit` ids, but ending as the tokenizer ends a text (e.g. [SEP], or the EOS that
+    last-token pooling reads) when `ids` ends that way, as the tokenizer's own truncation does."""
+    tail = len(closing)
+    if tail and tail < limit and ids[-tail:].tolist() == closing:
+        return np.concatenate([ids[: limit - tail], ids[-tail:]])
+    return ids[:limit]
 
 
 def _split_token_ids(request: EmbedRequest) -> list[np.ndarray]:

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from embedserve.tokenizer_proc.long_text import cut_to_max_chars, is_long, long_prefix
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,11 +30,43 @@ class TextTokenizer:
         )
         if isinstance(self._backend, _FastBackend):
             self._backend = _prefer_transformers_if_different(self._backend, path)
+        self.closing_ids = _common_suffix(self._backend.encode_batch(["a", "b", "1"], None))
+        """The special ids the tokenizer ends every text with (BERT's [SEP], a decoder's EOS), if any."""
 
-    def encode_batch(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
-        if not texts:
-            return []
-        return self._backend.encode_batch(texts, max_length)
+    def encode_batch(
+        self, texts: list[str], max_length: int | None = None, stop_above: int | None = None
+    ) -> list[list[int]]:
+        """Each text's ids. With `max_length` or `stop_above`, a text that `long_text.is_long` calls
+        long is tokenized from a prefix (see long_text.py). With `max_length`, its ids are still
+        those of the whole text truncated, the text first cut to `long_text.max_chars`; with
+        `stop_above` alone, a text of more tokens than that may come back as only its first ones,
+        more than `stop_above` of them (the caller refuses texts over `max_chars` beforehand)."""
+        limit = max_length or stop_above
+        if not texts or limit is None:
+            return self._backend.encode_batch(texts, max_length) if texts else []
+        if max_length is not None:
+            texts = [cut_to_max_chars(text, max_length) for text in texts]
+        out: list[list[int]] = [[] for _ in texts]
+        long = [is_long(text, limit) for text in texts]
+        short = [i for i, cut in enumerate(long) if not cut]
+        encoded = self._backend.encode_batch([texts[i] for i in short], max_length) if short else []
+        for i, ids in zip(short, encoded, strict=True):
+            out[i] = ids
+        for i in (i for i, cut in enumerate(long) if cut):
+            prefix, ids = long_prefix(texts[i], limit, self._whole_ids)
+            cut_to_fit = max_length is not None and len(ids) > max_length
+            out[i] = self._backend.encode_batch([prefix], max_length)[0] if cut_to_fit else ids
+        return out
+
+    def _whole_ids(self, text: str) -> list[int]:
+        return self._backend.encode_batch([text], None)[0]
+
+
+def _common_suffix(sequences: list[list[int]]) -> list[int]:
+    n = 0
+    while all(len(seq) > n for seq in sequences) and len({seq[-1 - n] for seq in sequences}) == 1:
+        n += 1
+    return sequences[0][len(sequences[0]) - n :]
 
 
 _PROBE = ["Special tokens decide embeddings.", "a"]
