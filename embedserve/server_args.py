@@ -83,7 +83,9 @@ class ServerArgs:
     # HTTP
     host: str = _opt("127.0.0.1", "Address to bind. Use 0.0.0.0 to serve other machines.")
     port: int = _opt(30000, "HTTP port.")
-    api_key: str | None = _opt(None, "Require 'Authorization: Bearer KEY' on every endpoint but /health.")
+    api_key: str | None = _opt(
+        None, "Require 'Authorization: Bearer KEY' on every endpoint but /health and /metrics."
+    )
 
     # Scheduling budgets
     max_prefill_tokens: int | None = _opt(

@@ -120,6 +120,25 @@ def test_a_repeated_input_is_answered_from_the_whole_input_cache(server):
     assert "#cached-token: " + str(n) in server.log()
 
 
+def test_encode_answers_sglangs_rid_as_the_id(server):
+    assert server.post("/encode", {"text": TEXT, "rid": "mine"}).json()["meta_info"]["id"] == "mine"
+    many = server.post("/encode", {"text": [TEXT, "hello"], "rid": ["r1", "r2"]}).json()
+    assert [item["meta_info"]["id"] for item in many] == ["r1", "r2"]
+    wrong = server.post("/encode", {"text": [TEXT, "hello"], "rid": ["only one"]})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "rid"
+
+
+def test_openai_sdk_retrieves_the_model_card(server):
+    import openai
+
+    client = openai.Client(base_url=f"{server.url}/v1", api_key="None")
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such/model")
+    assert requests.head(f"{server.url}/health", timeout=10).status_code == 200
+
+
 def test_dimensions_keep_first_n_and_renormalise(server):
     full = np.array(server.post("/v1/embeddings", {"input": TEXT}).json()["data"][0]["embedding"])
     cut = np.array(
@@ -199,6 +218,24 @@ def test_bad_input_gets_openai_error(server, payload, status, param):
 def test_too_long_names_the_limit_and_index(server):
     error = server.post("/v1/embeddings", {"input": ["short", "word " * 300]}).json()["error"]
     assert "256" in error["message"] and "Input 1" in error["message"]
+
+
+def test_auto_truncate_cuts_text_and_token_ids_alike(launch, bundled_model_path, reference):
+    from tokenizers import Tokenizer
+
+    server = launch("--allow-auto-truncate")
+    long_text = "retrieval augmented generation " * 200  # ~800 tokens
+    tok = Tokenizer.from_file(str(bundled_model_path / "tokenizer.json"))
+    tok.no_truncation()
+    ids = tok.encode(long_text).ids
+    by_text = server.post("/v1/embeddings", {"input": long_text}).json()
+    by_ids = server.post("/v1/embeddings", {"input": ids}).json()
+    assert by_text["usage"]["prompt_tokens"] == by_ids["usage"]["prompt_tokens"] == 256
+    a, b = by_text["data"][0]["embedding"], by_ids["data"][0]["embedding"]
+    assert cosine(a, b)[0] >= 0.99999
+    assert cosine(a, reference([long_text])[0])[0] >= 0.99999  # sentence-transformers cuts at 256 too
+    padded = server.post("/v1/embeddings", {"input": "short words " + " " * 70_000 + "never read"})
+    assert padded.status_code == 200 and padded.json()["usage"]["prompt_tokens"] == 4
 
 
 def test_malformed_json_and_unknown_route(server):

@@ -55,7 +55,11 @@ def encode_body(meta: RequestMeta, vectors: np.ndarray, cached: list[int]) -> by
         {
             "embedding": row,
             "meta_info": {
-                "id": meta.rid if meta.single else f"{meta.rid}-{i}",
+                "id": meta.client_ids[i]
+                if meta.client_ids
+                else meta.rid
+                if meta.single
+                else f"{meta.rid}-{i}",
                 "prompt_tokens": meta.lengths[i],
                 "cached_tokens": cached[i],
             },

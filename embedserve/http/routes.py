@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from embedserve.http import validation as v
-from embedserve.http.errors import ApiError, invalid
+from embedserve.http.errors import CLIENT_CLOSED_REQUEST, ApiError, invalid
 from embedserve.http.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from embedserve.http.metrics import ServerMetrics
 from embedserve.http.pipeline_client import ClientGone, PipelineClient
@@ -21,9 +21,6 @@ from embedserve.http.schemas import EMBEDDINGS_REQUEST, ENCODE_REQUEST, body_spe
 from embedserve.messages import EmbedRequest, RequestMeta
 from embedserve.model_config import ModelConfig
 from embedserve.server_args import ServerArgs
-
-# NOTE: nginx's "client closed request"; the client is gone, so nobody reads it.
-CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass
@@ -76,7 +73,7 @@ async def metrics(request: Request) -> Response:
 protected = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-@public.get("/health")
+@public.api_route("/health", methods=["GET", "HEAD"])  # NOTE: load balancers often probe with HEAD
 async def health(request: Request) -> Response:
     pipeline = state_of(request).pipeline
     if pipeline.ready and not pipeline.draining:
@@ -124,6 +121,7 @@ async def encode(request: Request) -> Response:
         lengths=[],
         single=inputs.single,
         arrival_time=time.time(),
+        client_ids=v.check_rid(data, inputs),
     )
     return await _run(request, meta, inputs)
 
@@ -182,8 +180,19 @@ async def flush_cache(request: Request) -> Response:
 
 @protected.get("/v1/models")
 async def models(request: Request) -> Response:
+    return json_response({"object": "list", "data": [_model_card(state_of(request))]})
+
+
+@protected.get("/v1/models/{model:path}")
+async def model(request: Request, model: str) -> Response:
+    """OpenAI's "retrieve model" (`client.models.retrieve`): the card, or 404 for another name."""
     state = state_of(request)
-    card = {
+    v.check_model({"model": model}, state.limits)
+    return json_response(_model_card(state))
+
+
+def _model_card(state: AppState) -> dict[str, object]:
+    return {
         "id": state.limits.served_name,
         "object": "model",
         "created": int(state.started),
@@ -191,7 +200,6 @@ async def models(request: Request) -> Response:
         "root": state.args.model_path,
         "max_model_len": state.model.context_length,
     }
-    return json_response({"object": "list", "data": [card]})
 
 
 @protected.get("/get_model_info")

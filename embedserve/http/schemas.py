@@ -36,6 +36,7 @@ ENCODE_REQUEST: dict[str, Any] = {
             ]
         },
         "input_ids": {"anyOf": [_TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]},
+        "rid": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
     },
 }
 

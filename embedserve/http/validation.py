@@ -86,6 +86,20 @@ def check_dimensions(data: dict[str, Any], limits: Limits) -> int | None:
     return dims
 
 
+def check_rid(data: dict[str, Any], inputs: ParsedInputs) -> list[str] | None:
+    """SGLang's `rid` on /encode, one per input: a string for one input, a list for a batch."""
+    rid = data.get("rid")
+    if rid is None:
+        return None
+    if inputs.single:
+        if not isinstance(rid, str):
+            raise invalid("'rid' must be a string for a single input.", param="rid")
+        return [rid]
+    if not isinstance(rid, list) or len(rid) != inputs.count or not all(isinstance(r, str) for r in rid):
+        raise invalid(f"'rid' must be a list of {inputs.count} strings, one per input.", param="rid")
+    return rid
+
+
 def check_user(data: dict[str, Any]) -> None:
     if data.get("user") is not None and not isinstance(data["user"], str):
         raise invalid("'user' must be a string.", param="user")
