@@ -68,3 +68,12 @@ def test_body_must_be_a_json_object():
         with pytest.raises(ApiError) as caught:
             v.parse_json_object(body)
         assert caught.value.status == 400
+
+
+def test_encode_fields_name_only_the_forms_they_take():
+    with pytest.raises(ApiError) as ids_only:
+        v.parse_inputs(5, LIMITS, param="input_ids", allow_text=False)
+    assert "string" not in ids_only.value.message and "token ids" in ids_only.value.message
+    with pytest.raises(ApiError) as text_only:
+        v.parse_inputs(5, LIMITS, param="text", allow_ids=False)
+    assert "token ids" not in text_only.value.message and "list of strings" in text_only.value.message

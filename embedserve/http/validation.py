@@ -114,9 +114,10 @@ def parse_inputs(
     if isinstance(value, str):
         return _texts([value], param, allow_text, single=True)
     if not isinstance(value, list):
+        forms = ["a string", "a list of strings"] if allow_text else []
+        forms += ["a list of token ids", "a list of lists of token ids"] if allow_ids else []
         raise invalid(
-            f"'{param}' must be a string, a list of strings, a list of token ids or a list of "
-            f"lists of token ids; got {type(value).__name__}.",
+            f"'{param}' must be {', '.join(forms[:-1])} or {forms[-1]}; got {type(value).__name__}.",
             param=param,
         )
     if not value:
