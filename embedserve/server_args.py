@@ -31,6 +31,25 @@ def _default_model_path() -> str:
         return "sentence-transformers/all-MiniLM-L6-v2"
 
 
+# NOTE: counts, sizes and durations: a value below these starts a server that hangs, crashes or
+# refuses everything (found by trying each), so it is a usage error instead.
+_AT_LEAST = {
+    "context_length": 1,
+    "max_prefill_tokens": 1,
+    "max_running_requests": 1,
+    "max_total_tokens": 1,
+    "chunked_prefill_size": 1,
+    "embedding_cache_size": 0,
+    "max_queued_requests": 1,
+    "max_queued_tokens": 1,
+    "max_request_tokens": 1,
+    "max_request_bytes": 1,
+    "num_threads": 1,
+    "concurrent_batches": 1,
+    "shutdown_timeout": 0,
+}
+
+
 @dataclass(frozen=True)
 class ServerArgs:
     # Model and tokenizer
@@ -156,8 +175,20 @@ class ServerArgs:
     def __post_init__(self) -> None:
         if self.model_path is None:
             object.__setattr__(self, "model_path", _default_model_path())
-        if self.concurrent_batches is not None and self.concurrent_batches < 1:
-            raise ValueError(f"--concurrent-batches must be at least 1, not {self.concurrent_batches}")
+        for name, lowest in _AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < lowest:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {lowest}, not {value}")
+        for name in ("request_timeout", "mem_fraction_static"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be more than 0, not {value}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
+        if self.mem_fraction_static > 1:
+            raise ValueError(
+                f"--mem-fraction-static must be at most 1 (a share of GPU memory), not {self.mem_fraction_static}"
+            )
 
     # ---- derived values -------------------------------------------------------------
     @property

@@ -62,3 +62,24 @@ def test_a_bad_concurrent_batches_is_a_usage_error_not_a_traceback():
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--concurrent-batches must be at least 1" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-prefill-tokens", "0"],
+        ["--max-running-requests", "-1"],
+        ["--embedding-cache-size", "-1"],
+        ["--request-timeout", "0"],
+        ["--port", "70000"],
+        ["--mem-fraction-static", "2"],
+        ["--num-threads", "0"],
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors(argv, capsys):
+    from embedserve.launch import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert f"{argv[0]} must be" in capsys.readouterr().err
