@@ -70,7 +70,7 @@ def launch_server(args: ServerArgs) -> int:
         supervisor.wait_ready([name for name, _ in PIPELINE_PROCESSES])
         supervisor.start("http", run_http_process)
         supervisor.wait_ready(["http"])
-        warm_up(args)
+        supervisor.watch(lambda: warm_up(args))
         supervisor.announce_ready()
         logger.info("The server is fired up and ready to roll!")
         return supervisor.supervise()

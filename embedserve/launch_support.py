@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -160,6 +161,32 @@ class Supervisor:
                     child.process.join(5)
                     raise ChildFailed(self._death_report(child))
         return reported
+
+    def watch(self, work: Callable[[], None]) -> None:
+        """Run `work` (the warm-up request) while watching the children and the stop signals: a
+        child that dies meanwhile, or SIGTERM/SIGINT, ends the wait at once instead of after the
+        request's own timeout."""
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                work()
+                outcome.append(None)
+            except BaseException as exc:  # NOTE: handed to the launcher's thread below
+                outcome.append(exc)
+            os.write(self._wake_w, b"w")
+
+        threading.Thread(target=run, name="warm-up", daemon=True).start()
+        sentinels = {c.process.sentinel: c for c in self.children.values()}
+        while not outcome:
+            for item in wait([*sentinels, self._wake_r]):
+                if item in sentinels:
+                    raise ChildFailed(self._death_report(sentinels[item]))
+                os.read(self._wake_r, 64)
+                if self.stop_signal is not None:
+                    raise KeyboardInterrupt
+        if outcome[0] is not None:
+            raise outcome[0]
 
     def announce_ready(self) -> None:
         self._tell_http(ServerState(ready=True))
