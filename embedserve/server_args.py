@@ -175,20 +175,8 @@ class ServerArgs:
     def __post_init__(self) -> None:
         if self.model_path is None:
             object.__setattr__(self, "model_path", _default_model_path())
-        for name, lowest in _AT_LEAST.items():
-            value = getattr(self, name)
-            if value is not None and value < lowest:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least {lowest}, not {value}")
-        for name in ("request_timeout", "mem_fraction_static"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be more than 0, not {value}")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
-        if self.mem_fraction_static > 1:
-            raise ValueError(
-                f"--mem-fraction-static must be at most 1 (a share of GPU memory), not {self.mem_fraction_static}"
-            )
+        if self.concurrent_batches is not None and self.concurrent_batches < 1:
+            raise ValueError(f"--concurrent-batches must be at least 1, not {self.concurrent_batches}")
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -286,7 +274,28 @@ class ServerArgs:
 
     @classmethod
     def from_cli_args(cls, namespace: argparse.Namespace) -> ServerArgs:
-        return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+        """The user's options, refused (ValueError) where out of range; derived copies
+        (`dataclasses.replace`) are not re-checked: the launcher sets `max_total_tokens` to 0 for a
+        model without a KV pool."""
+        args = cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+        args._check_ranges()
+        return args
+
+    def _check_ranges(self) -> None:
+        for name, lowest in _AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < lowest:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {lowest}, not {value}")
+        for name in ("request_timeout", "mem_fraction_static"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be more than 0, not {value}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
+        if self.mem_fraction_static > 1:
+            raise ValueError(
+                f"--mem-fraction-static must be at most 1 (a share of GPU memory), not {self.mem_fraction_static}"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

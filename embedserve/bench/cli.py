@@ -35,6 +35,7 @@ from embedserve.bench.corpus import bundled_model_path, count_tokens, load_token
 from embedserve.bench.loadgen import (
     Summary,
     add_load_args,
+    auth,
     check_load_args,
     first_model,
     format_summary,
@@ -57,10 +58,10 @@ def parse_loads(spec: str) -> list[tuple[int, int]]:
     return loads
 
 
-def server_facts(url: str, timeout: float = 10.0) -> dict:
+def server_facts(url: str, api_key: str | None, timeout: float = 10.0) -> dict:
     """What the server says of its model (embedserve and SGLang answer /get_model_info; others may not)."""
     try:
-        resp = httpx.get(url + "/get_model_info", timeout=timeout, trust_env=False)
+        resp = httpx.get(url + "/get_model_info", timeout=timeout, trust_env=False, headers=auth(api_key))
         return resp.json() if resp.status_code == 200 else {}
     except (httpx.HTTPError, ValueError):
         return {}
@@ -69,10 +70,17 @@ def server_facts(url: str, timeout: float = 10.0) -> dict:
 def run_loads(
     url: str, model: str, loads: list[tuple[int, int]], a: argparse.Namespace, texts, tokens, extra=()
 ) -> list[Summary]:
+    key = None if extra else a.api_key  # NOTE: vLLM's side (the one with extra fields) runs keyless
     results = []
     for clients, inputs in loads:
         cfg = load_config(
-            a, url, model, concurrency=clients, inputs_per_request=inputs, extra_body=tuple(extra)
+            a,
+            url,
+            model,
+            concurrency=clients,
+            inputs_per_request=inputs,
+            extra_body=tuple(extra),
+            api_key=key,
         )
         print(f"\n-- {url}: {clients} clients x {inputs} inputs", file=sys.stderr)
         summary = asyncio.run(run_load(cfg, texts, tokens, progress=not a.no_progress))
@@ -137,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        # NOTE: a stopped run has no honest summary (its window was cut short); say so, no traceback.
+        print("\nembedserve bench: interrupted; no summary for a cut-short run", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     check_load_args(p, a)
@@ -146,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     url = a.url.rstrip("/")
     try:
-        model = a.model or first_model(url)
+        model = a.model or first_model(url, api_key=a.api_key)
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
         print(f"embedserve bench: no embeddings server answers at {url} ({exc})", file=sys.stderr)
         return 2
-    facts = server_facts(url)
+    facts = server_facts(url, a.api_key)
     tokenizer_path = a.tokenizer or facts.get("tokenizer_path") or bundled_model_path()
     try:
         texts = load_texts(a.corpus, a.corpus_file, a.seed, tokenizer_path)

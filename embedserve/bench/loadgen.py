@@ -53,6 +53,7 @@ class LoadConfig:
     extra_body: tuple[
         tuple[str, object], ...
     ] = ()  # fields another server needs (vLLM: truncate_prompt_tokens)
+    api_key: str | None = None  # sent as "Authorization: Bearer KEY"
 
 
 @dataclass
@@ -130,7 +131,7 @@ async def _client(cfg: LoadConfig, batches: Iterator[tuple[list[str], int]], rec
     # trust_env=False keeps proxy variables from sending the traffic anywhere but `cfg.url`.
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     async with httpx.AsyncClient(
-        base_url=cfg.url, limits=limits, timeout=cfg.timeout, trust_env=False
+        base_url=cfg.url, limits=limits, timeout=cfg.timeout, trust_env=False, headers=auth(cfg.api_key)
     ) as http:
         while time.perf_counter() < rec.end and rec.sent < cfg.max_requests:
             batch = next(batches)  # single event loop: no lock needed around the shared iterator
@@ -216,9 +217,13 @@ def format_summary(s: Summary) -> str:
     )
 
 
-def first_model(url: str, timeout: float = 10.0) -> str:
+def auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def first_model(url: str, timeout: float = 10.0, api_key: str | None = None) -> str:
     """The first name that GET /v1/models lists."""
-    resp = httpx.get(url.rstrip("/") + "/v1/models", timeout=timeout, trust_env=False)
+    resp = httpx.get(url.rstrip("/") + "/v1/models", timeout=timeout, trust_env=False, headers=auth(api_key))
     resp.raise_for_status()
     return resp.json()["data"][0]["id"]
 
@@ -229,16 +234,19 @@ def load_texts(corpus_n: int, corpus_file: str | None, seed: int, tokenizer_path
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
     """Options shared by this script and the side-by-side benchmark."""
-    p.add_argument("--concurrency", type=int, default=8, help="clients, each with one connection")
-    p.add_argument("--inputs-per-request", type=int, default=1, help="texts in each request's input list")
-    p.add_argument("--warmup", type=float, default=5.0, help="seconds driven before measuring")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds measured")
+    p.add_argument("--concurrency", type=int, default=8, help="clients, each with one connection (default 8)")
+    p.add_argument(
+        "--inputs-per-request", type=int, default=1, help="texts in each request's input list (default 1)"
+    )
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds driven before measuring (default 5)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds measured (default 30)")
     p.add_argument("--encoding-format", choices=["float", "base64"], default="float")
     p.add_argument("--corpus", type=int, default=2000, help="size of the seeded synthetic corpus")
     p.add_argument("--corpus-file", help="texts to send instead: one per line, or JSONL with a 'text' field")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     p.add_argument("--max-requests", type=int, default=1_000_000, help="stop after this many requests")
+    p.add_argument("--api-key", help="for a server started with --api-key: sent as a Bearer token")
 
 
 def load_config(a: argparse.Namespace, url: str, model: str, **overrides: object) -> LoadConfig:
@@ -246,7 +254,7 @@ def load_config(a: argparse.Namespace, url: str, model: str, **overrides: object
     fields: dict[str, object] = dict(
         url=url, model=model, concurrency=a.concurrency, inputs_per_request=a.inputs_per_request,
         warmup=a.warmup, duration=a.duration, encoding_format=a.encoding_format, timeout=a.timeout,
-        max_requests=a.max_requests,
+        max_requests=a.max_requests, api_key=a.api_key,
     )  # fmt: skip
     return LoadConfig(**{**fields, **overrides})  # type: ignore[arg-type]
 
@@ -275,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer_path = a.tokenizer or bundled_model_path()
     texts = load_texts(a.corpus, a.corpus_file, a.seed, tokenizer_path)
     tokens = count_tokens(load_tokenizer(tokenizer_path), texts)
-    cfg = load_config(a, a.url.rstrip("/"), a.model or first_model(a.url))
+    cfg = load_config(a, a.url.rstrip("/"), a.model or first_model(a.url, api_key=a.api_key))
     summary = asyncio.run(run_load(cfg, texts, tokens, progress=not a.no_progress))
     print(json.dumps(dataclasses.asdict(summary), indent=2) if a.json else format_summary(summary))
 
