@@ -30,7 +30,7 @@ from embedserve.launch_support import (
 from embedserve.log import configure_logging
 from embedserve.model_config import ModelConfigError, model_config_from_args
 from embedserve.scheduler_proc.process import run_scheduler_process
-from embedserve.server_args import ServerArgs, make_parser
+from embedserve.server_args import ServerArgs, cuda_available, make_parser
 from embedserve.tokenizer_proc.process import run_tokenizer_process
 
 logger = logging.getLogger("embedserve")
@@ -49,6 +49,9 @@ def launch_server(args: ServerArgs) -> int:
     configure_logging(args.log_level)
     args = args.with_device_resolved()
     logger.info(f"server_args={args!r}")
+    if args.device == "cuda" and not cuda_available():
+        logger.error("Cannot start: --device cuda, but torch sees no CUDA device here; use --device cpu")
+        return 2
     try:
         model = model_config_from_args(args)
         check_port_free(args.host, args.port)

@@ -52,6 +52,8 @@ def check_port_free(host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+        except socket.gaierror as exc:
+            raise OSError(f"cannot listen on {host}:{port} ({exc.strerror}); check --host") from exc
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
 

@@ -201,7 +201,7 @@ class ServerArgs:
         """A copy whose `device` is concrete; the launcher calls this once so children agree."""
         if self.device != "auto":
             return self
-        return dataclasses.replace(self, device="cuda" if _cuda_available() else "cpu")
+        return dataclasses.replace(self, device="cuda" if cuda_available() else "cpu")
 
     @property
     def prefill_token_budget(self) -> int:
@@ -314,7 +314,7 @@ def _shown_default(f: dataclasses.Field) -> str:
     return "none" if f.default is None else str(f.default)
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
     # NOTE: no NVIDIA driver means no CUDA; checking first keeps torch out of the launcher on CPU hosts.
     if not os.path.exists("/proc/driver/nvidia") and not os.path.exists("/dev/nvidiactl"):
         return False

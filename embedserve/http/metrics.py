@@ -32,6 +32,7 @@ ENDPOINTS = (
     "/get_server_info",
     "/health",
     "/metrics",
+    "/flush_cache",
 )
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
