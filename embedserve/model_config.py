@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from embedserve.startup_error import StartupError
+
 if TYPE_CHECKING:
     from embedserve.server_args import ServerArgs
 
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 _ENCODER_ARCHITECTURES = {"BertModel", "XLMRobertaModel"}
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(StartupError):
     """The model folder is missing, unreadable or declares something this server cannot serve."""
 
 

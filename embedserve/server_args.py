@@ -93,7 +93,9 @@ class ServerArgs:
         choices=["cls", "mean", "last"],
     )
     json_model_override_args: str = _opt(
-        "{}", "JSON object of config.json fields to override, e.g. '{\"max_position_embeddings\": 8192}'."
+        "{}",
+        "JSON object of config.json fields to override, e.g. '{\"max_position_embeddings\": 8192}' for a RoPE "
+        "model (a BERT's position table cannot grow).",
     )
     allow_auto_truncate: bool = _opt(
         False, "Truncate inputs longer than the context length instead of answering 400."

@@ -97,3 +97,24 @@ def test_missing_model_folder_fails_fast():
     )
     assert result.returncode == 2
     assert "/nonexistent/model" in result.stderr
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line_without_a_traceback():
+    override = '{"max_position_embeddings": 1024}'  # BERT's position table has 512 rows
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedserve.launch",
+            "--port",
+            str(free_port()),
+            "--json-model-override-args",
+            override,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "embedserve::executor" in result.stderr and "WeightLoadError" in result.stderr
+    assert "(512, 384) in the checkpoint" in result.stderr and "Traceback" not in result.stderr

@@ -21,6 +21,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from embedserve.startup_error import StartupError
+
 # NOTE: tqdm's default lock is a multiprocessing semaphore, which the launcher's resource tracker
 # then reports as leaked when the executor is stopped; a thread lock is all one process needs.
 tqdm.set_lock(threading.RLock())
@@ -35,7 +37,7 @@ _BAR_FORMAT = "{desc}: {percentage:3.0f}% Completed | {n_fmt}/{total_fmt} [{elap
 PackedMapping = dict[str, tuple[str, int]]
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(StartupError):
     """The checkpoint does not fit the model: missing, unexpected or misshapen tensors."""
 
 

@@ -23,6 +23,7 @@ import msgspec
 import setproctitle
 
 from embedserve.log import configure_logging
+from embedserve.startup_error import StartupError
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def child_process(name: str, log_level: str, conn: Connection) -> Iterator[Launc
     try:
         yield channel
     except Exception as exc:
-        logger.error("embedserve::%s failed:\n%s", name, traceback.format_exc())
+        if not isinstance(exc, StartupError):  # NOTE: the launcher logs a StartupError's message
+            logger.error("embedserve::%s failed:\n%s", name, traceback.format_exc())
         channel.send("error", message=f"{type(exc).__name__}: {exc}")
         sys.stderr.flush()
         os._exit(1)

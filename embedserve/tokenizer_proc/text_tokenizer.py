@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from embedserve.startup_error import StartupError
 from embedserve.tokenizer_proc.long_text import cut_to_max_chars, is_long, long_prefix
 
 logger = logging.getLogger(__name__)
@@ -25,9 +26,14 @@ class TextTokenizer:
 
     def __init__(self, path: str):
         tokenizer_json = Path(path) / "tokenizer.json"
-        self._backend: _Backend = (
-            _FastBackend(str(tokenizer_json)) if tokenizer_json.is_file() else _TransformersBackend(path)
-        )
+        try:
+            self._backend: _Backend = (
+                _FastBackend(str(tokenizer_json)) if tokenizer_json.is_file() else _TransformersBackend(path)
+            )
+        except Exception as exc:
+            raise StartupError(
+                f"cannot load a tokenizer from {path} ({type(exc).__name__}): check --tokenizer-path"
+            ) from exc
         if isinstance(self._backend, _FastBackend):
             self._backend = _prefer_transformers_if_different(self._backend, path)
         self.closing_ids = _common_suffix(self._backend.encode_batch(["a", "b", "1"], None))

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedserve.kernels import extend_attention
+from embedserve.startup_error import StartupError
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class ForwardContext:
         return sum(self.seq_lens)
 
 
-class AttentionBackendUnavailable(ValueError):
+class AttentionBackendUnavailable(StartupError):
     """The backend asked for cannot run on this device, dtype or model; the message says why."""
 
 
