@@ -32,6 +32,7 @@ logger = logging.getLogger("embedserve")
 
 MiB = 1024 * 1024
 STOP_GRACE_SECONDS = 3.0  # after SIGTERM, before SIGKILL
+ABANDON_GRACE_SECONDS = 0.5  # for the HTTP process to send its 503s when a process died
 
 
 class ChildFailed(RuntimeError):
@@ -204,17 +205,26 @@ class Supervisor:
             if dead and self.stop_signal is None:
                 for child in dead:
                     logger.error(self._death_report(child))
+                self._abandon_in_flight(", ".join(f"embedserve::{c.name} died" for c in dead))
                 return 1
         logger.info(f"Received {signal.Signals(self.stop_signal).name}; draining in-flight requests.")
         self._drain()
         return 0
+
+    def _abandon_in_flight(self, reason: str) -> None:
+        """Have the HTTP process answer what is in flight with 503 before everything stops."""
+        http = self.children.get("http")
+        if http is None or not http.process.is_alive():
+            return
+        self._tell_http(ServerState(ready=False, draining=True, abandon=reason))
+        time.sleep(ABANDON_GRACE_SECONDS)
 
     def _drain(self) -> None:
         http = self.children.get("http")
         if http is None or not http.process.is_alive():
             return
         self._tell_http(ServerState(ready=False, draining=True))
-        deadline = time.monotonic() + self.args.shutdown_timeout + 1.0
+        deadline = time.monotonic() + self.args.shutdown_timeout + 2.0  # NOTE: HTTP then sends its 503s
         while time.monotonic() < deadline and http.process.is_alive() and not self.force_stop:
             if http.conn.poll(0.05) and self._read(http).get("event") == "drained":
                 return

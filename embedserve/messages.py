@@ -157,6 +157,7 @@ class FlushDone(_Msg):
 class ServerState(_Msg):
     ready: bool = False  # warm-up passed: /health answers 200
     draining: bool = False  # stopping: refuse new work, finish what is in flight
+    abandon: str = ""  # a process died: answer everything in flight with 503 and this reason
 
 
 TokenizerInput = EmbedRequest | AbortRequest | FlushCache

@@ -213,6 +213,28 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(launch):
     server.kill_strays()
 
 
+@pytest.mark.parametrize("how", ["shutdown timeout", "dead executor"])
+def test_requests_cut_off_by_a_stop_get_503_not_a_dropped_connection(how, launch):
+    server = launch("--shutdown-timeout", "0.5")
+    answers: list[requests.Response] = []
+    worker = threading.Thread(
+        target=lambda: answers.append(server.post("/v1/embeddings", {"input": passages(400, how)}))
+    )  # ~100k tokens: tens of seconds on two cores
+    worker.start()
+    time.sleep(1.5)
+    if how == "dead executor":
+        server.child("executor").kill()
+    else:
+        os.kill(server.proc.pid, signal.SIGTERM)
+    worker.join(30)
+    error = assert_openai_error(answers[0], 503)
+    assert error["code"] == "server_stopping"
+    assert ("embedserve::executor died" in error["message"]) == (how == "dead executor")
+    assert "requests in flight answered 503" in server.log()
+    server.stop()
+    server.kill_strays()
+
+
 def test_schemathesis_finds_no_server_error(plain):
     server = plain
     if True:

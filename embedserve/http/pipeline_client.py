@@ -112,6 +112,18 @@ class PipelineClient:
 
     def _on_state(self, msg: ServerState) -> None:
         self.ready, self.draining = msg.ready, msg.draining
+        if msg.abandon:
+            self.fail_all(f"The server is stopping: {msg.abandon}. This request was not finished; retry it.")
+
+    def fail_all(self, message: str) -> int:
+        """Answer every request still in flight with 503 `message` (the server is stopping), rather
+        than leave its client to a dropped connection; returns how many there were."""
+        pending = [future for future in self.waiting.values() if not future.done()]
+        for future in pending:
+            future.set_exception(ApiError(503, message, code="server_stopping"))
+        if pending:
+            logger.warning("%d requests in flight answered 503: %s", len(pending), message)
+        return len(pending)
 
     async def embed(self, request: EmbedRequest, client_gone: Callable[[], Awaitable[None]]) -> bytes:
         """Submit `request`; its encoded body, or ClientGone if `client_gone()` completes first."""

@@ -67,8 +67,14 @@ async def _report_when_drained(
     deadline = time.monotonic() + timeout
     while pipeline.waiting and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
+    unfinished = pipeline.fail_all(
+        f"The server stopped before this request finished (--shutdown-timeout {timeout:g} s)"
+    )
+    deadline = time.monotonic() + 1.0
+    while pipeline.waiting and time.monotonic() < deadline:  # NOTE: the 503s go out before we report
+        await asyncio.sleep(0.01)
     if launcher is not None:
-        launcher.send("drained", unfinished=len(pipeline.waiting))
+        launcher.send("drained", unfinished=unfinished)
 
 
 class _Server(uvicorn.Server):
