@@ -18,7 +18,7 @@ from collections.abc import MutableMapping, Sequence
 from embedserve.detok_proc.process import run_detokenizer_process
 from embedserve.gpu_proc.process import run_executor_process
 from embedserve.http.server import run_http_process
-from embedserve.ipc.ports import PortArgs, remove_stale_rings
+from embedserve.ipc.ports import PortArgs, remove_stale_ipc_dirs, remove_stale_rings
 from embedserve.launch_support import (
     ChildFailed,
     Supervisor,
@@ -59,6 +59,7 @@ def launch_server(args: ServerArgs) -> int:
         logger.error(f"Cannot start: {exc}")
         return 2
     remove_stale_rings()
+    remove_stale_ipc_dirs()
     ports = PortArgs.create()
     rings = create_rings(ports, model, args)
     logger.info(f"IPC sockets in {ports.ipc_dir} (mode 0700); shared memory at {ports.token_ring[:-6]}*")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "embedserve-"
+IPC_PREFIX = "embedserve-ipc-"  # then the launcher's pid, so a later launch can tell it is gone
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class PortArgs:
 
     @classmethod
     def create(cls) -> PortArgs:
-        ipc_dir = tempfile.mkdtemp(prefix="embedserve-ipc-")
+        ipc_dir = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
         os.chmod(ipc_dir, 0o700)
         shm_base = _shm_base(ipc_dir)
 
@@ -84,6 +85,23 @@ def remove_stale_rings() -> list[str]:
                 removed.append(name)
             except OSError:
                 pass
+    return removed
+
+
+def remove_stale_ipc_dirs(root: str | None = None) -> list[str]:
+    """Remove this user's socket directories left by launchers that no longer run (kill -9)."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(root):
+        pid_text = name[len(IPC_PREFIX) :].split("-", 1)[0] if name.startswith(IPC_PREFIX) else ""
+        path = os.path.join(root, name)
+        try:
+            mine = os.stat(path).st_uid == os.getuid()
+        except OSError:
+            continue
+        if pid_text.isdigit() and mine and not _pid_alive(int(pid_text)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
     return removed
 
 
