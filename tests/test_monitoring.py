@@ -173,12 +173,18 @@ def test_cached_tokens_count_what_the_responses_report_as_cached(server):
     before = metric(server, "embedserve_cached_tokens_total")
     text = "a sentence this module sends twice to hit the whole-input cache"
     first = server.post("/v1/embeddings", {"input": [text]}).json()["usage"]
+    time.sleep(0.5)  # NOTE: the scheduler's stats for that batch go out within 50 ms
+    batch_counts = [metric(server, f"embedserve_{n}_count") for n in ("batch_size_tokens", "forward_seconds")]
     second = server.post("/v1/embeddings", {"input": [text, text]}).json()["usage"]
     assert first["prompt_tokens_details"]["cached_tokens"] == 0
     assert second["prompt_tokens_details"]["cached_tokens"] == second["prompt_tokens"] > 0  # both hits
     reported = second["prompt_tokens"]
     assert metric(server, "embedserve_cached_tokens_total") - before == reported
     assert 0 < metric(server, "embedserve_cache_hit_ratio") <= 1
+    time.sleep(0.5)  # a batch of hits only computes nothing: no forward batch to count
+    assert [
+        metric(server, f"embedserve_{n}_count") for n in ("batch_size_tokens", "forward_seconds")
+    ] == batch_counts
 
 
 def test_stage_histograms_count_every_request(server):

@@ -128,8 +128,9 @@ class SchedulerWorker:
         return block[seq.start : seq.start + seq.length].tolist()
 
     def _on_batch_done(self, msg: BatchDone) -> None:
+        if self.scheduler.computed_tokens(msg.batch_id):  # NOTE: see StatsReporter.on_batch
+            self.stats.on_forward(msg.forward_seconds)
         self._release(self.scheduler.finish_batch(msg.batch_id, ok=not msg.failed_rids))
-        self.stats.on_forward(msg.forward_seconds)
         for rid in msg.failed_rids:  # already answered with a 500: computing the rest would be waste
             self._release(self.scheduler.abort(rid))
 

@@ -186,6 +186,11 @@ class Scheduler:
                 break
         return planned
 
+    def computed_tokens(self, batch_id: int) -> int:
+        """Tokens the model computes for a batch in flight (0: cache hits only, or unknown)."""
+        batch = self._in_flight.get(batch_id)
+        return batch.tokens if batch is not None else 0
+
     def finish_batch(self, batch_id: int, ok: bool = True) -> list[RingRef]:
         """The executor is done with a batch; returns token blocks no longer needed by anyone."""
         batch = self._in_flight.pop(batch_id, None)

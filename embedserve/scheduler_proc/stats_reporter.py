@@ -21,8 +21,11 @@ class StatsReporter:
         return SchedulerStats(0, 0, 0, 0, 0, [], [], [], [], [])
 
     def on_batch(self, stats: BatchStats) -> None:
-        self._pending.batch_seqs.append(stats.new_seqs)
-        self._pending.batch_tokens.append(stats.new_tokens)
+        # NOTE: a batch of whole-input cache hits computes nothing: counted as a forward batch, it
+        # dragged the batch-size and forward-time panels to 0 under a repetitive load.
+        if stats.new_tokens:
+            self._pending.batch_seqs.append(stats.new_seqs)
+            self._pending.batch_tokens.append(stats.new_tokens)
         self._pending.queue_wait_seconds.extend(stats.queue_waits)
         self._dirty = True
 
