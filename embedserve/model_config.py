@@ -69,7 +69,11 @@ def resolve_model_folder(path_or_id: str) -> str:
     try:
         return snapshot_download(path_or_id)
     except Exception as exc:
-        raise ModelConfigError(f"could not find or download model {path_or_id!r}: {exc}") from exc
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # NOTE: hub errors span several lines
+        raise ModelConfigError(
+            f"{path_or_id!r} is not a folder, not in the local Hugging Face cache, and could not be "
+            f"downloaded: {reason}"
+        ) from exc
 
 
 def model_config_from_args(args: ServerArgs) -> ModelConfig:
