@@ -175,7 +175,8 @@ def _one_id_list(ids: Any, i: int, limits: Limits, param: str, single: bool) -> 
     if not all(_is_int(t) for t in ids):
         bad = next(j for j, t in enumerate(ids) if not _is_int(t))
         raise invalid(
-            f"'{where}[{bad}]' must be an integer token id; got {type(ids[bad]).__name__}.", param=param
+            f"'{where}[{bad}]' must be an integer token id; got {repr(ids[bad])[:40]}.",
+            param=param,
         )
     array = np.asarray(ids, dtype=np.int64) if max(ids) < 2**63 and min(ids) >= -(2**63) else None
     if array is None or array.min() < 0 or array.max() >= limits.vocab_size:
