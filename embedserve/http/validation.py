@@ -130,7 +130,7 @@ def parse_inputs(
     if isinstance(first, list):
         return _token_ids(value, limits, param, allow_ids, single=False)
     raise invalid(
-        f"'{param}[0]' must be a string, a token id or a list of token ids; got {type(first).__name__}.",
+        f"'{param}[0]' must be a string, a token id or a list of token ids; got {_as_json(first)}.",
         param=param,
     )
 
@@ -175,7 +175,7 @@ def _one_id_list(ids: Any, i: int, limits: Limits, param: str, single: bool) -> 
     if not all(_is_int(t) for t in ids):
         bad = next(j for j, t in enumerate(ids) if not _is_int(t))
         raise invalid(
-            f"'{where}[{bad}]' must be an integer token id; got {repr(ids[bad])[:40]}.",
+            f"'{where}[{bad}]' must be an integer token id; got {_as_json(ids[bad])}.",
             param=param,
         )
     array = np.asarray(ids, dtype=np.int64) if max(ids) < 2**63 and min(ids) >= -(2**63) else None
@@ -193,6 +193,11 @@ def _one_id_list(ids: Any, i: int, limits: Limits, param: str, single: bool) -> 
 def _check_count(n: int, param: str) -> None:
     if n > MAX_INPUTS:
         raise invalid(f"'{param}' has {n} inputs; at most {MAX_INPUTS} are allowed per request.", param=param)
+
+
+def _as_json(x: Any) -> str:
+    """A value as the client wrote it (roughly: orjson reads integers past 64 bits as floats)."""
+    return orjson.dumps(x).decode()[:40]
 
 
 def _is_int(x: Any) -> bool:
