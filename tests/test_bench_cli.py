@@ -114,3 +114,13 @@ def test_side_by_side_table_gives_the_ratio():
     rows = format_table(ours, vllm).splitlines()
     assert "ratio" in rows[0]
     assert rows[2] == "| 16 x 8 | 7,000 | 7,700 | 1.10x | 1,000 / 1,500 | 900 / 1,100 |"
+
+
+def test_a_server_with_an_api_key_is_measured_with_one(launch):
+    guarded = launch("--api-key", "sekrit")
+    base = ("--url", guarded.url, "--warmup", "0", "--duration", "1", "--no-progress")
+    refused = bench(*base)
+    assert refused.returncode == 2 and "401" in refused.stderr
+    done = bench(*base, "--api-key", "sekrit")
+    assert done.returncode == 0, done.stderr
+    assert "| 8 x 1 |" in done.stdout and "none |" in done.stdout
