@@ -1,32 +1,61 @@
-"""A launcher killed with -9 leaves its socket directory; the next launch removes it, and only it."""
+"""A launcher killed with -9 leaves its socket directory; the next launch removes it, and only it:
+a directory whose launcher lives (its lock held, by a process this one may not even see) stays."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
 
-from embedserve.ipc.ports import IPC_PREFIX, PortArgs, remove_stale_ipc_dirs
+from embedserve.ipc.ports import IPC_PREFIX, LOCK_NAME, PortArgs, remove_stale_ipc_dirs
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
 
 
-def test_only_directories_of_dead_launchers_are_removed(tmp_path):
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    dead_pid = int(gone.stdout)
-    stale = tmp_path / f"{IPC_PREFIX}{dead_pid}-abc123"
-    live = tmp_path / f"{IPC_PREFIX}{os.getpid()}-def456"
-    legacy = tmp_path / f"{IPC_PREFIX}xyz789"  # no pid in its name: nothing tells whose it is
-    for folder in (stale, live, legacy):
+def test_only_directories_whose_lock_is_free_are_removed(tmp_path):
+    stale, live, unlocked = (tmp_path / f"{IPC_PREFIX}{n}" for n in ("1-abc", "2-def", "legacy"))
+    for folder in (stale, live, unlocked):
         folder.mkdir()
         (folder / "tokenizer").write_text("")
-    assert remove_stale_ipc_dirs(str(tmp_path)) == [stale.name]
-    assert not stale.exists() and live.exists() and legacy.exists()
+    (stale / LOCK_NAME).write_text("")
+    (live / LOCK_NAME).write_text("")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(live / LOCK_NAME)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert remove_stale_ipc_dirs(str(tmp_path)) == [stale.name]
+        assert not stale.exists() and live.exists() and unlocked.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert remove_stale_ipc_dirs(str(tmp_path)) == [live.name]  # its launcher is gone now
 
 
-def test_a_launchers_directory_names_its_pid():
+def test_a_launcher_holds_its_directorys_lock_until_it_removes_it():
     ports = PortArgs.create()
     try:
         assert os.path.basename(ports.ipc_dir).startswith(f"{IPC_PREFIX}{os.getpid()}-")
+        other = os.open(os.path.join(ports.ipc_dir, LOCK_NAME), os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked_by_launcher = False
+            except BlockingIOError:
+                locked_by_launcher = True
+        finally:
+            os.close(other)
+        assert locked_by_launcher
+        assert ports.ipc_dir not in [
+            os.path.join(os.path.dirname(ports.ipc_dir), n) for n in remove_stale_ipc_dirs()
+        ]
     finally:
         ports.remove_all()
+    assert not os.path.exists(ports.ipc_dir)

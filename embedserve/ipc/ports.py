@@ -6,6 +6,7 @@ processes can connect; nothing listens on TCP but the HTTP server.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "embedserve-"
-IPC_PREFIX = "embedserve-ipc-"  # then the launcher's pid, so a later launch can tell it is gone
+IPC_PREFIX = "embedserve-ipc-"  # then the launcher's pid, for people reading /tmp
+LOCK_NAME = "launcher.lock"  # locked by the launcher while it lives: a later launch can tell it is gone
+_held_locks: dict[str, int] = {}  # this launcher's socket directory -> its locked descriptor
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,9 @@ class PortArgs:
     def create(cls) -> PortArgs:
         ipc_dir = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
         os.chmod(ipc_dir, 0o700)
+        lock = os.open(os.path.join(ipc_dir, LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # NOTE: the kernel drops it when we die, even by kill -9
+        _held_locks[ipc_dir] = lock
         shm_base = _shm_base(ipc_dir)
 
         def sock(name: str) -> str:
@@ -61,6 +67,9 @@ class PortArgs:
             except FileNotFoundError:
                 pass
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        lock = _held_locks.pop(self.ipc_dir, None)
+        if lock is not None:
+            os.close(lock)
 
 
 def _shm_base(ipc_dir: str) -> str:
@@ -89,20 +98,33 @@ def remove_stale_rings() -> list[str]:
 
 
 def remove_stale_ipc_dirs(root: str | None = None) -> list[str]:
-    """Remove this user's socket directories left by launchers that no longer run (kill -9)."""
+    """Remove this user's socket directories whose launcher no longer runs (killed with -9): their
+    lock is free. A pid would not do: a launcher in another container sharing /tmp has a pid this
+    one cannot see. A directory without a lock (older, or just being made) is left alone."""
     root = root or tempfile.gettempdir()
     removed = []
     for name in os.listdir(root):
-        pid_text = name[len(IPC_PREFIX) :].split("-", 1)[0] if name.startswith(IPC_PREFIX) else ""
         path = os.path.join(root, name)
-        try:
-            mine = os.stat(path).st_uid == os.getuid()
-        except OSError:
-            continue
-        if pid_text.isdigit() and mine and not _pid_alive(int(pid_text)):
+        if name.startswith(IPC_PREFIX) and path not in _held_locks and _lock_is_free(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
     return removed
+
+
+def _lock_is_free(folder: str) -> bool:
+    try:
+        if os.stat(folder).st_uid != os.getuid():
+            return False
+        lock = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(lock)
 
 
 def _pid_alive(pid: int) -> bool:
