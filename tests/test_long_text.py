@@ -89,6 +89,23 @@ def test_texts_are_cut_to_the_character_bound():
     assert cut_to_max_chars("x" * cap, 4) == "x" * cap
     assert cut_to_max_chars("word " * cap, 4) == ("word " * cap)[: cap - 1].rstrip()
     assert cut_to_max_chars("y" * (cap + 5), 4) == "y" * cap  # no word end: cut at the bound
+    titled = "Title: " + "中文" * max_chars(16)  # its only space is in the title
+    assert cut_to_max_chars(titled, 16) == titled[: max_chars(16)]  # cut at the bound, not there
+
+
+def test_a_long_spaceless_text_is_truncated_from_its_start(bundled_model_path):
+    ours = TextTokenizer(str(bundled_model_path))
+    titled = "标题: " + "中文文本" * 20_000  # 80,004 characters, over the bound, spaces only at the start
+    ids = ours.encode_batch([titled], max_length=256)[0]
+    assert ids == ours.encode_batch([titled[:64_000]], max_length=256)[0] and len(ids) == 256
+
+
+def test_only_texts_tokenized_in_part_are_reported_so(bundled_model_path):
+    ours = TextTokenizer(str(bundled_model_path))
+    in_part: set[int] = set()
+    texts = ["short", "word " * 3000, "中" * 3000]  # the CJK one has no space: tokenized whole
+    ids = ours.encode_batch(texts, stop_above=256, counted_in_part=in_part)
+    assert in_part == {1} and len(ids[2]) == 3002
 
 
 def test_long_prefix_grows_until_the_limit_is_passed_or_the_text_ends():

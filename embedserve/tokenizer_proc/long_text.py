@@ -14,7 +14,7 @@ tokenization; a text with no space at all is tokenized whole.
 That leaves texts of little but spaces, or of no space at all: `tokenizers` reads 3 MB of spaces in
 ~1.6 s here. So a text may hold at most `MAX_CHARS_PER_TOKEN` characters per token of the context
 (64,000 for a 256-token model), the bound TEI sets: longer ones are refused, or with
---allow-auto-truncate cut there first (at a word end when there is one).
+--allow-auto-truncate cut there first (at a word end when one is near).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from collections.abc import Callable
 # NOTE: English runs ~4-5 characters per token, so inputs that fit the context are never cut.
 CHARS_PER_TOKEN = 8
 MAX_CHARS_PER_TOKEN = 250
+# NOTE: a cut at the bound looks back this far for a word end; a text whose last space lies further
+# back (CJK after a spaced title, minified code, base64) is cut at the bound itself: cutting at that
+# space dropped everything after the title.
+CUT_LOOKBACK_CHARS = 1000
 
 
 def max_chars(limit: int) -> int:
@@ -37,7 +41,7 @@ def cut_to_max_chars(text: str, limit: int) -> str:
     if len(text) <= cap:
         return text
     end = word_end_before(text, cap, search_on=False)
-    return text[: end if end <= cap else cap]
+    return text[: end if cap - CUT_LOOKBACK_CHARS <= end <= cap else cap]
 
 
 def word_end_before(text: str, end: int, search_on: bool = True) -> int:

@@ -31,7 +31,7 @@ from embedserve.messages import (
 )
 from embedserve.model_config import model_config_from_args
 from embedserve.server_args import ServerArgs
-from embedserve.tokenizer_proc.long_text import MAX_CHARS_PER_TOKEN, is_long, max_chars
+from embedserve.tokenizer_proc.long_text import MAX_CHARS_PER_TOKEN, max_chars
 from embedserve.tokenizer_proc.text_tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -71,11 +71,18 @@ class TokenizerWorker:
         ]
         texts = [t for r in requests if r.texts is not None for t in r.texts]
         limit = self.context_length if self.truncate else None
-        encoded = iter(self.tokenizer.encode_batch(texts, max_length=limit, stop_above=self.context_length))
+        in_part: set[int] = set()  # texts whose ids cover only their first part (long_text.py)
+        encoded = iter(
+            enumerate(
+                self.tokenizer.encode_batch(
+                    texts, max_length=limit, stop_above=self.context_length, counted_in_part=in_part
+                )
+            )
+        )
         for request in requests:
             if request.texts is not None:
-                ids = [next(encoded) for _ in request.texts]
-                self._submit(request, ids, started, request.texts)
+                pairs = [next(encoded) for _ in request.texts]
+                self._submit(request, [ids for _, ids in pairs], started, [i in in_part for i, _ in pairs])
             else:
                 self._submit(request, _split_token_ids(request), started)
         for rid in aborted:
@@ -113,11 +120,11 @@ class TokenizerWorker:
         request: EmbedRequest,
         inputs: list[list[int]] | list[np.ndarray],
         started: float,
-        texts: list[str] | None = None,
+        counted_in_part: list[bool] | None = None,
     ) -> None:
         rid = request.meta.rid
         try:
-            arrays = self._checked_lengths(inputs, texts)
+            arrays = self._checked_lengths(inputs, counted_in_part)
         except InputTooLong as exc:
             self.to_http.send(
                 RequestFailed(
@@ -161,13 +168,13 @@ class TokenizerWorker:
         )
 
     def _checked_lengths(
-        self, inputs: list[list[int]] | list[np.ndarray], texts: list[str] | None
+        self, inputs: list[list[int]] | list[np.ndarray], counted_in_part: list[bool] | None
     ) -> list[np.ndarray]:
         arrays = [np.asarray(ids, dtype="<i4") for ids in inputs]
         for index, ids in enumerate(arrays):
             if ids.size > self.context_length:
                 if not self.truncate:
-                    in_part = texts is not None and is_long(texts[index], self.context_length)
+                    in_part = bool(counted_in_part and counted_in_part[index])
                     raise InputTooLong(index, int(ids.size), self.context_length, in_part)
                 # NOTE: only token-id inputs reach here when truncating: texts were truncated by the
                 # tokenizer itself, which keeps the closing special tokens; so must this.

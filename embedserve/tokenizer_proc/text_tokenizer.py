@@ -31,8 +31,9 @@ class TextTokenizer:
                 _FastBackend(str(tokenizer_json)) if tokenizer_json.is_file() else _TransformersBackend(path)
             )
         except Exception as exc:
+            reason = " ".join(str(exc).split()) or "no message"  # NOTE: one line for the launcher's log
             raise StartupError(
-                f"cannot load a tokenizer from {path} ({type(exc).__name__}): check --tokenizer-path"
+                f"cannot load a tokenizer from {path} (check --tokenizer-path): {type(exc).__name__}: {reason}"
             ) from exc
         if isinstance(self._backend, _FastBackend):
             self._backend = _prefer_transformers_if_different(self._backend, path)
@@ -40,13 +41,18 @@ class TextTokenizer:
         """The special ids the tokenizer ends every text with (BERT's [SEP], a decoder's EOS), if any."""
 
     def encode_batch(
-        self, texts: list[str], max_length: int | None = None, stop_above: int | None = None
+        self,
+        texts: list[str],
+        max_length: int | None = None,
+        stop_above: int | None = None,
+        counted_in_part: set[int] | None = None,
     ) -> list[list[int]]:
         """Each text's ids. With `max_length` or `stop_above`, a text that `long_text.is_long` calls
         long is tokenized from a prefix (see long_text.py). With `max_length`, its ids are still
         those of the whole text truncated, the text first cut to `long_text.max_chars`; with
         `stop_above` alone, a text of more tokens than that may come back as only its first ones,
-        more than `stop_above` of them (the caller refuses texts over `max_chars` beforehand)."""
+        more than `stop_above` of them (the caller refuses texts over `max_chars` beforehand), and
+        its index goes into `counted_in_part`."""
         limit = max_length or stop_above
         if not texts or limit is None:
             return self._backend.encode_batch(texts, max_length) if texts else []
@@ -60,6 +66,8 @@ class TextTokenizer:
             out[i] = ids
         for i in (i for i, cut in enumerate(long) if cut):
             prefix, ids = long_prefix(texts[i], limit, self._whole_ids)
+            if counted_in_part is not None and len(prefix) < len(texts[i]):
+                counted_in_part.add(i)
             cut_to_fit = max_length is not None and len(ids) > max_length
             out[i] = self._backend.encode_batch([prefix], max_length)[0] if cut_to_fit else ids
         return out
