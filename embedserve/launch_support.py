@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import multiprocessing as mp
 import os
 import signal
 import socket
@@ -170,6 +172,9 @@ class Supervisor:
         child that dies meanwhile, or SIGTERM/SIGINT, ends the wait at once instead of after the
         request's own timeout."""
         outcome: list[BaseException | None] = []
+        # NOTE: its own pipe, whose writing end only the thread closes: the thread may outlive this
+        # call (a child died first), and must never write to a descriptor closed and reused since.
+        done_r, done_w = mp.Pipe(duplex=False)
 
         def run() -> None:
             try:
@@ -177,17 +182,23 @@ class Supervisor:
                 outcome.append(None)
             except BaseException as exc:  # NOTE: handed to the launcher's thread below
                 outcome.append(exc)
-            os.write(self._wake_w, b"w")
+            with contextlib.suppress(OSError):
+                done_w.send_bytes(b"done")
+            done_w.close()
 
         threading.Thread(target=run, name="warm-up", daemon=True).start()
         sentinels = {c.process.sentinel: c for c in self.children.values()}
-        while not outcome:
-            for item in wait([*sentinels, self._wake_r]):
-                if item in sentinels:
-                    raise ChildFailed(self._death_report(sentinels[item]))
-                os.read(self._wake_r, 64)
-                if self.stop_signal is not None:
-                    raise KeyboardInterrupt
+        try:
+            while not outcome:
+                for item in wait([*sentinels, self._wake_r, done_r]):
+                    if item in sentinels:
+                        raise ChildFailed(self._death_report(sentinels[item]))
+                    if item == self._wake_r:
+                        os.read(self._wake_r, 64)
+                        if self.stop_signal is not None:
+                            raise KeyboardInterrupt
+        finally:
+            done_r.close()
         if outcome[0] is not None:
             raise outcome[0]
 
