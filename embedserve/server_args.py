@@ -286,7 +286,7 @@ class ServerArgs:
     def _check_ranges(self) -> None:
         for name, lowest in _AT_LEAST.items():
             value = getattr(self, name)
-            if value is not None and value < lowest:
+            if value is not None and not value >= lowest:  # NOTE: also refuses nan
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {lowest}, not {value}")
         for name in ("request_timeout", "mem_fraction_static"):
             value = getattr(self, name)

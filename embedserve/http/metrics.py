@@ -158,6 +158,8 @@ class RequestMetricsMiddleware:
             return
         path = scope.get("path", "")
         endpoint = path if path in ENDPOINTS else "other"  # NOTE: bounded label values, whatever the path
+        if path.startswith("/v1/models/"):
+            endpoint = "/v1/models/{model}"
         started = time.perf_counter()
         status = 500
 

@@ -129,8 +129,12 @@ def parse_inputs(
         return _token_ids([value], limits, param, allow_ids, single=True)
     if isinstance(first, list):
         return _token_ids(value, limits, param, allow_ids, single=False)
+    forms = (["a string"] if allow_text else []) + (
+        ["a token id", "a list of token ids"] if allow_ids else []
+    )
     raise invalid(
-        f"'{param}[0]' must be a string, a token id or a list of token ids; got {_as_json(first)}.",
+        f"'{param}[0]' must be {', '.join(forms[:-1]) + ' or ' if len(forms) > 1 else ''}{forms[-1]}; "
+        f"got {_as_json(first)}.",
         param=param,
     )
 
