@@ -129,3 +129,26 @@ def test_truncated_token_ids_keep_the_closing_special_token(bundled_model_path):
     assert truncate_ids(ids, 256, closing).tolist() == [101] + [2773] * 254 + [102]
     no_sep = np.array([101] + [2773] * 300)
     assert truncate_ids(no_sep, 256, closing).tolist() == no_sep[:256].tolist()
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_truncating_from_a_prefix_holds_where_the_vocabulary_merges_across_spaces(kind):
+    """SentencePiece without whitespace splitting learns pieces that span a space; a prefix's last
+    tokens can then differ from the whole text's (1 in 300 here without the margin), never the
+    `limit` first ones."""
+    if kind == "bpe":
+        tok, trainer = Tokenizer(models.BPE(unk_token="[UNK]")), trainers.BpeTrainer(vocab_size=1500)
+    else:
+        tok, trainer = Tokenizer(models.Unigram()), trainers.UnigramTrainer(vocab_size=1500)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(split=False)
+    rnd = random.Random(1)
+    tok.train_from_iterator([random_text(rnd, 50) for _ in range(400)], trainer)
+    assert any("▁" in piece[1:] for piece in tok.get_vocab())  # pieces across a space exist
+
+    def encode(text: str) -> list[int]:
+        return tok.encode(text).ids
+
+    for _ in range(300):
+        text, limit = random_text(rnd, rnd.randint(100, 400)), rnd.randint(20, 80)
+        prefix, _ = long_prefix(text, limit, encode)
+        assert encode(prefix)[:limit] == encode(text)[:limit], (text, limit)

@@ -28,6 +28,9 @@ MAX_CHARS_PER_TOKEN = 250
 # back (CJK after a spaced title, minified code, base64) is cut at the bound itself: cutting at that
 # space dropped everything after the title.
 CUT_LOOKBACK_CHARS = 1000
+# NOTE: a prefix must pass the limit by this many tokens: its last few tokens may differ from the
+# whole text's where a vocabulary merges across spaces (SentencePiece without whitespace splitting).
+MARGIN_TOKENS = 16
 
 
 def max_chars(limit: int) -> int:
@@ -61,13 +64,13 @@ def word_end_before(text: str, end: int, search_on: bool = True) -> int:
 
 
 def long_prefix(text: str, limit: int, encode: Callable[[str], list[int]]) -> tuple[str, list[int]]:
-    """The shortest tried prefix of `text` with more than `limit` tokens, or the whole text, and its
-    ids from `encode` (special tokens included, never truncated)."""
+    """The shortest tried prefix of `text` with more than `limit` (+ `MARGIN_TOKENS`) tokens, or the
+    whole text, and its ids from `encode` (special tokens included, never truncated)."""
     window = limit * CHARS_PER_TOKEN
     while True:
         prefix = text[: word_end_before(text, window)]
         ids = encode(prefix)
-        if len(prefix) == len(text) or len(ids) > limit:
+        if len(prefix) == len(text) or len(ids) > limit + MARGIN_TOKENS:
             return prefix, ids
         window *= 2
 
