@@ -217,7 +217,10 @@ def test_bad_input_gets_openai_error(server, payload, status, param):
 
 def test_too_long_names_the_limit_and_index(server):
     error = server.post("/v1/embeddings", {"input": ["short", "word " * 300]}).json()["error"]
-    assert "256" in error["message"] and "Input 1" in error["message"]
+    assert "256" in error["message"] and "Input 1" in error["message"] and error["param"] == "input"
+    by_text = server.post("/encode", {"text": ["short", "word " * 300]}).json()["error"]
+    by_ids = server.post("/encode", {"input_ids": [[101] + [2773] * 300 + [102]]}).json()["error"]
+    assert (by_text["param"], by_ids["param"]) == ("text", "input_ids")
 
 
 def test_auto_truncate_cuts_text_and_token_ids_alike(launch, bundled_model_path, reference):

@@ -109,7 +109,7 @@ class TokenizerWorker:
                 rid=request.meta.rid,
                 status=400,
                 message=message,
-                param="input",
+                param=_input_field(request),
                 code="context_length_exceeded",
             )
         )
@@ -128,7 +128,11 @@ class TokenizerWorker:
         except InputTooLong as exc:
             self.to_http.send(
                 RequestFailed(
-                    rid=rid, status=400, message=str(exc), param="input", code="context_length_exceeded"
+                    rid=rid,
+                    status=400,
+                    message=str(exc),
+                    param=_input_field(request),
+                    code="context_length_exceeded",
                 )
             )
             return
@@ -138,7 +142,7 @@ class TokenizerWorker:
                 RequestFailed(
                     rid=rid,
                     status=400,
-                    param="input",
+                    param=_input_field(request),
                     code="too_many_tokens",
                     message=f"The request has {block.size} tokens in all; at most {self.max_request_tokens} are "
                     "allowed per request (--max-request-tokens). Split it into smaller requests.",
@@ -150,7 +154,7 @@ class TokenizerWorker:
                 RequestFailed(
                     rid=rid,
                     status=413,
-                    param="input",
+                    param=_input_field(request),
                     code="request_too_large",
                     message=f"The request has {block.size} tokens; at most {self.ring.max_block_bytes // 4} "
                     "fit in the server's token buffer at once. Split it into smaller requests.",
@@ -180,6 +184,13 @@ class TokenizerWorker:
                 # tokenizer itself, which keeps the closing special tokens; so must this.
                 arrays[index] = truncate_ids(ids, self.context_length, self.tokenizer.closing_ids)
         return arrays
+
+
+def _input_field(request: EmbedRequest) -> str:
+    """The request field an error is about: OpenAI's `input`, or /encode's `text` / `input_ids`."""
+    if request.meta.api == "openai":
+        return "input"
+    return "text" if request.texts is not None else "input_ids"
 
 
 def truncate_ids(ids: np.ndarray, limit: int, closing: list[int]) -> np.ndarray:
