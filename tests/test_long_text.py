@@ -152,3 +152,20 @@ def test_truncating_from_a_prefix_holds_where_the_vocabulary_merges_across_space
         text, limit = random_text(rnd, rnd.randint(100, 400)), rnd.randint(20, 80)
         prefix, _ = long_prefix(text, limit, encode)
         assert encode(prefix)[:limit] == encode(text)[:limit], (text, limit)
+
+
+def test_word_ends_match_their_definition_on_random_texts():
+    def by_definition(text: str, end: int, search_on: bool) -> int:
+        if end >= len(text):
+            return len(text)
+        ends = [p for p in range(1, len(text)) if text[p] == " " and text[p - 1] != " "]
+        before = [p for p in ends if p <= end]
+        if before:
+            return max(before)
+        return min(ends) if search_on and ends else len(text)
+
+    rnd = random.Random(4)
+    for _ in range(20_000):
+        text = "".join(rnd.choice(" ab") for _ in range(rnd.randint(0, 30)))
+        end, search_on = rnd.randint(0, 35), rnd.random() < 0.5
+        assert word_end_before(text, end, search_on) == by_definition(text, end, search_on), (text, end)

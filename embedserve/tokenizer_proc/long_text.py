@@ -19,6 +19,7 @@ That leaves texts of little but spaces, or of no space at all: `tokenizers` read
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 # NOTE: English runs ~4-5 characters per token, so inputs that fit the context are never cut.
@@ -31,6 +32,9 @@ CUT_LOOKBACK_CHARS = 1000
 # NOTE: a prefix must pass the limit by this many tokens: its last few tokens may differ from the
 # whole text's where a vocabulary merges across spaces (SentencePiece without whitespace splitting).
 MARGIN_TOKENS = 16
+
+
+_WORD_THEN_SPACE = re.compile(r"[^ ](?= )")
 
 
 def max_chars(limit: int) -> int:
@@ -53,14 +57,12 @@ def word_end_before(text: str, end: int, search_on: bool = True) -> int:
     if end >= len(text):
         return len(text)
     space = text.rfind(" ", 0, end + 1)
-    while space > 0 and text[space - 1] == " ":
-        space -= 1
-    if space > 0 or not search_on:
-        return space if space > 0 else len(text)
-    space = text.find(" ", end)
-    while space > 0 and text[space - 1] == " ":  # NOTE: only a run at the very start can get here
-        space = text.find(" ", space + 1)
-    return space if space > 0 else len(text)
+    # NOTE: back to the start of that run of spaces, in C: a run can be 64,000 characters long
+    start = len(text[:space].rstrip(" ")) if space > 0 else 0
+    if start > 0 or not search_on:
+        return start if start > 0 else len(text)
+    after = _WORD_THEN_SPACE.search(text, max(0, end - 1))
+    return after.start() + 1 if after else len(text)
 
 
 def long_prefix(text: str, limit: int, encode: Callable[[str], list[int]]) -> tuple[str, list[int]]:
