@@ -213,6 +213,30 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(launch):
     server.kill_strays()
 
 
+def test_a_drain_waits_for_the_last_responses_to_be_written(launch):
+    """Big answers (2,000 embeddings, ~10 MB of JSON) still being written when the pipeline is done:
+    the drain used to report at that moment and the process was stopped under them (4 of 4 runs)."""
+    server = launch("--shutdown-timeout", "60")
+    outcomes: list[object] = []
+
+    def big(k: int) -> None:
+        try:
+            payload = {"input": [f"drain {k} {i}" for i in range(2000)]}
+            outcomes.append(server.post("/v1/embeddings", payload, timeout=120).status_code)
+        except requests.RequestException as exc:
+            outcomes.append(type(exc).__name__)
+
+    senders = [threading.Thread(target=big, args=(k,)) for k in range(2)]
+    for sender in senders:
+        sender.start()
+    time.sleep(0.8)
+    os.kill(server.proc.pid, signal.SIGTERM)
+    for sender in senders:
+        sender.join(120)
+    assert outcomes == [200, 200]
+    assert server.stop() == 0
+
+
 @pytest.mark.parametrize("how", ["shutdown timeout", "dead executor"])
 def test_requests_cut_off_by_a_stop_get_503_not_a_dropped_connection(how, launch):
     server = launch("--shutdown-timeout", "0.5")

@@ -12,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from embedserve.http import routes
+from embedserve.http.active_requests import ActiveRequests, CountActiveRequests
 from embedserve.http.errors import install_error_handlers
 from embedserve.http.metrics import RequestMetricsMiddleware, ServerMetrics
 from embedserve.http.pipeline_client import PipelineClient
@@ -26,6 +27,7 @@ from embedserve.server_args import ServerArgs
 def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | None = None) -> FastAPI:
     model = model_config_from_args(args)
     metrics = ServerMetrics(args.model_name)
+    active = ActiveRequests()
     limits = Limits(
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,
@@ -38,7 +40,9 @@ def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | Non
         pipeline = PipelineClient(ports, args.max_queued_requests, args.request_timeout, metrics)
         pipeline.start()
         app.state.embedserve = routes.AppState(args, model, limits, pipeline, time.time(), metrics)
-        watcher = asyncio.ensure_future(_report_when_drained(pipeline, args.shutdown_timeout, launcher))
+        watcher = asyncio.ensure_future(
+            _report_when_drained(pipeline, active, args.shutdown_timeout, launcher)
+        )
         yield
         watcher.cancel()
         await pipeline.close()
@@ -55,24 +59,27 @@ def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | Non
     if not args.disable_metrics:
         app.include_router(routes.metrics_router)
         app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(CountActiveRequests, active=active)  # NOTE: outermost: counts until all is sent
     return app
 
 
 async def _report_when_drained(
-    pipeline: PipelineClient, timeout: float, launcher: LauncherChannel | None
+    pipeline: PipelineClient, active: ActiveRequests, timeout: float, launcher: LauncherChannel | None
 ) -> None:
-    """Once the launcher asks to drain, tell it when in-flight requests are done (or the timeout passed)."""
+    """Once the launcher asks to drain, tell it when every request has its response written (those
+    still running at the timeout get a 503 first)."""
     while not pipeline.draining:
         await asyncio.sleep(0.05)
     deadline = time.monotonic() + timeout
-    while pipeline.waiting and time.monotonic() < deadline:
+    while (pipeline.waiting or active.count) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     unfinished = pipeline.fail_all(
         f"The server stopped before this request finished (--shutdown-timeout {timeout:g} s)"
     )
     deadline = time.monotonic() + 1.0
-    while pipeline.waiting and time.monotonic() < deadline:  # NOTE: the 503s go out before we report
+    while active.count and time.monotonic() < deadline:  # NOTE: the 503s go out before we report
         await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # NOTE: and the transports hand their last bytes to the kernel
     if launcher is not None:
         launcher.send("drained", unfinished=unfinished)
 
