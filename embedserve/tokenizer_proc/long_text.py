@@ -22,7 +22,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-# NOTE: English runs ~4-5 characters per token, so inputs that fit the context are never cut.
+# NOTE: English runs ~4-5 characters per token: inputs that fit the context rarely take the prefix
+# path, and those that do come out whole.
 CHARS_PER_TOKEN = 8
 MAX_CHARS_PER_TOKEN = 250
 # NOTE: a cut at the bound looks back this far for a word end; a text whose last space lies further
