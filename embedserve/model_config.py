@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedserve.startup_error import StartupError
+from embedserve.startup_error import StartupError, one_line
 
 if TYPE_CHECKING:
     from embedserve.server_args import ServerArgs
@@ -69,10 +69,9 @@ def resolve_model_folder(path_or_id: str) -> str:
     try:
         return snapshot_download(path_or_id)
     except Exception as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__  # NOTE: hub errors span several lines
         raise ModelConfigError(
             f"{path_or_id!r} is not a folder, not in the local Hugging Face cache, and could not be "
-            f"downloaded: {reason}"
+            f"downloaded: {one_line(exc)}"
         ) from exc
 
 

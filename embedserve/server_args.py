@@ -45,7 +45,6 @@ _AT_LEAST = {
     "max_request_tokens": 1,
     "max_request_bytes": 1,
     "num_threads": 1,
-    "concurrent_batches": 1,
     "shutdown_timeout": 0,
 }
 

@@ -9,3 +9,8 @@ from __future__ import annotations
 
 class StartupError(ValueError):
     """The server cannot start as configured; the message tells the user what to change."""
+
+
+def one_line(exc: BaseException) -> str:
+    """`exc`'s message on one line (hub and tokenizer errors span several), else its type's name."""
+    return " ".join(str(exc).split()) or type(exc).__name__

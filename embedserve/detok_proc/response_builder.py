@@ -51,15 +51,12 @@ def openai_body(meta: RequestMeta, vectors: np.ndarray, cached: list[int]) -> by
 def encode_body(meta: RequestMeta, vectors: np.ndarray, cached: list[int]) -> bytes:
     """SGLang's native /encode shape: one object per input, or the object alone for a single input."""
     rows = _encoded_rows(shape_vectors(vectors, meta.dimensions), meta.encoding_format)
+    ids = meta.client_ids or ([meta.rid] if meta.single else [f"{meta.rid}-{i}" for i in range(len(rows))])
     items = [
         {
             "embedding": row,
             "meta_info": {
-                "id": meta.client_ids[i]
-                if meta.client_ids
-                else meta.rid
-                if meta.single
-                else f"{meta.rid}-{i}",
+                "id": ids[i],
                 "prompt_tokens": meta.lengths[i],
                 "cached_tokens": cached[i],
             },

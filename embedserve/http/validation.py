@@ -114,10 +114,11 @@ def parse_inputs(
     if isinstance(value, str):
         return _texts([value], param, allow_text, single=True)
     if not isinstance(value, list):
-        forms = ["a string", "a list of strings"] if allow_text else []
-        forms += ["a list of token ids", "a list of lists of token ids"] if allow_ids else []
+        forms = (["a string", "a list of strings"] if allow_text else []) + (
+            ["a list of token ids", "a list of lists of token ids"] if allow_ids else []
+        )
         raise invalid(
-            f"'{param}' must be {', '.join(forms[:-1])} or {forms[-1]}; got {type(value).__name__}.",
+            f"'{param}' must be {_one_of(forms)}; got {type(value).__name__}.",
             param=param,
         )
     if not value:
@@ -133,8 +134,7 @@ def parse_inputs(
         ["a token id", "a list of token ids"] if allow_ids else []
     )
     raise invalid(
-        f"'{param}[0]' must be {', '.join(forms[:-1]) + ' or ' if len(forms) > 1 else ''}{forms[-1]}; "
-        f"got {_as_json(first)}.",
+        f"'{param}[0]' must be {_one_of(forms)}; got {_as_json(first)}.",
         param=param,
     )
 
@@ -197,6 +197,11 @@ def _one_id_list(ids: Any, i: int, limits: Limits, param: str, single: bool) -> 
 def _check_count(n: int, param: str) -> None:
     if n > MAX_INPUTS:
         raise invalid(f"'{param}' has {n} inputs; at most {MAX_INPUTS} are allowed per request.", param=param)
+
+
+def _one_of(forms: list[str]) -> str:
+    """ "a, b or c" (or "a" alone)."""
+    return " or ".join([", ".join(forms[:-1]), forms[-1]]) if len(forms) > 1 else forms[0]
 
 
 def _as_json(x: Any) -> str:

@@ -104,16 +104,16 @@ class TokenizerWorker:
             f"({MAX_CHARS_PER_TOKEN} per token of the model's context length of {self.context_length} "
             "tokens). Shorten it, or start the server with --allow-auto-truncate."
         )
+        self._refuse(request, 400, "context_length_exceeded", message)
+        return False
+
+    def _refuse(self, request: EmbedRequest, status: int, code: str, message: str) -> None:
+        """Answer `request` with an error about its input field, instead of tokens."""
         self.to_http.send(
             RequestFailed(
-                rid=request.meta.rid,
-                status=400,
-                message=message,
-                param=_input_field(request),
-                code="context_length_exceeded",
+                rid=request.meta.rid, status=status, message=message, param=_input_field(request), code=code
             )
         )
-        return False
 
     def _submit(
         self,
@@ -122,43 +122,28 @@ class TokenizerWorker:
         started: float,
         counted_in_part: list[bool] | None = None,
     ) -> None:
-        rid = request.meta.rid
         try:
             arrays = self._checked_lengths(inputs, counted_in_part)
         except InputTooLong as exc:
-            self.to_http.send(
-                RequestFailed(
-                    rid=rid,
-                    status=400,
-                    message=str(exc),
-                    param=_input_field(request),
-                    code="context_length_exceeded",
-                )
-            )
+            self._refuse(request, 400, "context_length_exceeded", str(exc))
             return
         block = np.concatenate(arrays).astype("<i4", copy=False) if arrays else np.empty(0, "<i4")
         if block.size > self.max_request_tokens:
-            self.to_http.send(
-                RequestFailed(
-                    rid=rid,
-                    status=400,
-                    param=_input_field(request),
-                    code="too_many_tokens",
-                    message=f"The request has {block.size} tokens in all; at most {self.max_request_tokens} are "
-                    "allowed per request (--max-request-tokens). Split it into smaller requests.",
-                )
+            self._refuse(
+                request,
+                400,
+                "too_many_tokens",
+                f"The request has {block.size} tokens in all; at most {self.max_request_tokens} are "
+                "allowed per request (--max-request-tokens). Split it into smaller requests.",
             )
             return
         if block.nbytes > self.ring.max_block_bytes:
-            self.to_http.send(
-                RequestFailed(
-                    rid=rid,
-                    status=413,
-                    param=_input_field(request),
-                    code="request_too_large",
-                    message=f"The request has {block.size} tokens; at most {self.ring.max_block_bytes // 4} "
-                    "fit in the server's token buffer at once. Split it into smaller requests.",
-                )
+            self._refuse(
+                request,
+                413,
+                "request_too_large",
+                f"The request has {block.size} tokens; at most {self.ring.max_block_bytes // 4} "
+                "fit in the server's token buffer at once. Split it into smaller requests.",
             )
             return
         handle = self.ring.write(memoryview(block).cast("B"))

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from embedserve.startup_error import StartupError
+from embedserve.startup_error import StartupError, one_line
 from embedserve.tokenizer_proc.long_text import cut_to_max_chars, is_long, long_prefix
 
 logger = logging.getLogger(__name__)
@@ -31,9 +31,9 @@ class TextTokenizer:
                 _FastBackend(str(tokenizer_json)) if tokenizer_json.is_file() else _TransformersBackend(path)
             )
         except Exception as exc:
-            reason = " ".join(str(exc).split()) or "no message"  # NOTE: one line for the launcher's log
             raise StartupError(
-                f"cannot load a tokenizer from {path} (check --tokenizer-path): {type(exc).__name__}: {reason}"
+                f"cannot load a tokenizer from {path} (check --tokenizer-path): {type(exc).__name__}: "
+                f"{one_line(exc)}"
             ) from exc
         if isinstance(self._backend, _FastBackend):
             self._backend = _prefer_transformers_if_different(self._backend, path)
