@@ -7,6 +7,9 @@ import sys
 
 LOG_FORMAT = "[%(asctime)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+# The HTTP process writes uvicorn's access lines itself, once each response is written (see
+# http/active_requests.py); uvicorn's own access log is off.
+ACCESS_LOGGER = "embedserve.access"
 
 
 def configure_logging(level: str) -> None:
@@ -18,7 +21,7 @@ def configure_logging(level: str) -> None:
 
 
 def uvicorn_log_config(level: str) -> dict:
-    """uvicorn's own lines (`INFO:     Uvicorn running on ...`) in our format."""
+    """uvicorn's own lines (`INFO:     Uvicorn running on ...`) and the access lines in our format."""
     fmt = "[%(asctime)s] %(levelprefix)s %(message)s"
     access_fmt = '[%(asctime)s] %(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'
     return {
@@ -49,6 +52,6 @@ def uvicorn_log_config(level: str) -> dict:
         "loggers": {
             "uvicorn": {"handlers": ["default"], "level": level.upper(), "propagate": False},
             "uvicorn.error": {"level": level.upper()},
-            "uvicorn.access": {"handlers": ["access"], "level": level.upper(), "propagate": False},
+            ACCESS_LOGGER: {"handlers": ["access"], "level": level.upper(), "propagate": False},
         },
     }

@@ -130,11 +130,13 @@ def test_every_dashboard_query_returns_data(server, prometheus):
 
 def test_queue_depth_rises_under_a_burst_and_returns_to_zero(server):
     seen: list[float] = []
+    in_flight: list[float] = []
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.is_set():
             seen.append(metric(server, "embedserve_queue_sequences"))
+            in_flight.append(metric(server, "embedserve_in_flight_requests"))
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
@@ -154,6 +156,7 @@ def test_queue_depth_rises_under_a_burst_and_returns_to_zero(server):
     stop.set()
     watcher.join()
     assert max(seen) > 0, "the queue never showed the burst"
+    assert 0 < max(in_flight) <= 6, in_flight
     assert metric(server, "embedserve_queue_sequences") == 0
     assert metric(server, "embedserve_running_sequences") == 0
     assert metric(server, "embedserve_in_flight_requests") == 0

@@ -176,6 +176,21 @@ def test_concurrent_requests_share_batches(server):
     assert batches < 32, f"32 concurrent requests ran in {batches} batches"
 
 
+def test_access_lines_in_uvicorns_format_once_answered(server):
+    """The seed's log shows uvicorn's access line for every request, errors included."""
+    import re
+
+    query = "/v1/embeddings?trace=access-line-test"
+    ok = requests.post(server.url + query, json={"input": TEXT}, timeout=60)
+    bad = requests.post(server.url + query, json={"input": []}, timeout=60)
+    assert (ok.status_code, bad.status_code) == (200, 400)
+    lines = [line for line in server.log().splitlines() if "access-line-test" in line]
+    pattern = r'^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] INFO:     127\.0\.0\.1:\d+ - "POST %s HTTP/1\.1" %s$'
+    assert len(lines) == 2, lines
+    assert re.match(pattern % (re.escape(query), "200 OK"), lines[0]), lines[0]
+    assert re.match(pattern % (re.escape(query), "400 Bad Request"), lines[1]), lines[1]
+
+
 def test_info_endpoints(server):
     models = requests.get(f"{server.url}/v1/models").json()
     assert models["data"][0]["id"] == MODEL

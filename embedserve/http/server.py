@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from embedserve.http import routes
-from embedserve.http.active_requests import ActiveRequests, CountActiveRequests
+from embedserve.http.active_requests import ActiveRequests, TrackResponses
 from embedserve.http.errors import install_error_handlers
 from embedserve.http.metrics import RequestMetricsMiddleware, ServerMetrics
 from embedserve.http.pipeline_client import PipelineClient
@@ -59,7 +59,7 @@ def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | Non
     if not args.disable_metrics:
         app.include_router(routes.metrics_router)
         app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    app.add_middleware(CountActiveRequests, active=active)  # NOTE: outermost: counts until all is sent
+    app.add_middleware(TrackResponses, active=active)  # NOTE: outermost: counts until all is sent
     return app
 
 
@@ -113,6 +113,7 @@ def run_http_process(args: ServerArgs, ports: PortArgs, conn: Connection) -> Non
             http="httptools",
             log_config=uvicorn_log_config(args.log_level),
             timeout_keep_alive=30,
+            access_log=False,  # NOTE: TrackResponses writes the same lines, after each response
         )
         import uvloop
 
