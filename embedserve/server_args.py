@@ -171,6 +171,11 @@ class ServerArgs:
     shutdown_timeout: float = _opt(
         5.0, "Seconds that SIGTERM waits for in-flight requests before the server stops."
     )
+    health_check_timeout: float = _opt(
+        20.0,
+        "Seconds /health_generate waits for the pipeline to answer anything (its probe or another "
+        "request) before it reports the server stuck with 503.",
+    )
     random_seed: int = _opt(0, "Seed for anything random (weights of test models are not ours to seed).")
 
     def __post_init__(self) -> None:
@@ -287,7 +292,7 @@ class ServerArgs:
             value = getattr(self, name)
             if value is not None and not value >= lowest:  # NOTE: also refuses nan
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {lowest}, not {value}")
-        for name in ("request_timeout", "mem_fraction_static"):
+        for name in ("request_timeout", "mem_fraction_static", "health_check_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be more than 0, not {value}")

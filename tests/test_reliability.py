@@ -33,7 +33,14 @@ def limited():
     os.environ["EMBEDSERVE_TEST_FAIL_TOKEN_ID"] = str(FAIL_TOKEN)
     try:
         server = LaunchedServer(
-            "--max-request-bytes", "500000", "--max-request-tokens", "60000", "--request-timeout", "2"
+            "--max-request-bytes",
+            "500000",
+            "--max-request-tokens",
+            "60000",
+            "--request-timeout",
+            "2",
+            "--health-check-timeout",
+            "2",
         )
     finally:
         del os.environ["EMBEDSERVE_TEST_FAIL_TOKEN_ID"]
@@ -103,6 +110,36 @@ def test_crash_in_the_forward_fails_only_its_batch(limited):
     assert error["type"] == "server_error" and "injected fault" in error["message"]
     assert limited.post("/v1/embeddings", {"input": "next request"}).status_code == 200
     assert healthy(limited)
+
+
+def prompt_tokens_served(server: LaunchedServer) -> float:
+    text = requests.get(f"{server.url}/metrics", timeout=5).text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("embedserve_prompt_tokens_total")
+    )
+
+
+def test_health_generate_reports_a_stuck_pipeline_that_health_does_not(limited):
+    before = prompt_tokens_served(limited)
+    ok = requests.get(f"{limited.url}/health_generate", timeout=30)
+    assert (ok.status_code, ok.json()) == (200, {"status": "ok"})
+    assert prompt_tokens_served(limited) == before, "the probe counted as served tokens"
+    executor = limited.child("executor")
+    executor.suspend()  # a hung process: SIGSTOP
+    try:
+        started = time.monotonic()
+        stuck = requests.get(f"{limited.url}/health_generate", timeout=30)
+        waited = time.monotonic() - started
+        error = assert_openai_error(stuck, 503)
+        assert error["code"] == "not_healthy" and "--health-check-timeout" in error["message"]
+        assert 1.5 < waited < 10
+        assert healthy(limited), "/health is the cheap check: it only says the HTTP process answers"
+    finally:
+        executor.resume()
+    assert serves_again(limited)
+    assert requests.get(f"{limited.url}/health_generate", timeout=30).status_code == 200
 
 
 def test_overload_answers_every_request_with_200_in_full_or_429(small_queue):

@@ -71,6 +71,7 @@ def test_a_bad_concurrent_batches_is_a_usage_error_not_a_traceback():
         ["--max-running-requests", "-1"],
         ["--embedding-cache-size", "-1"],
         ["--request-timeout", "0"],
+        ["--health-check-timeout", "nan"],
         ["--port", "70000"],
         ["--mem-fraction-static", "2"],
         ["--num-threads", "0"],

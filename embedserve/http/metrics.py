@@ -31,6 +31,7 @@ ENDPOINTS = (
     "/get_model_info",
     "/get_server_info",
     "/health",
+    "/health_generate",
     "/metrics",
     "/flush_cache",
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -22,6 +23,7 @@ from embedserve.messages import (
     FlushDone,
     HttpInput,
     RequestFailed,
+    RequestMeta,
     ResponseReady,
     SchedulerStats,
     ServerState,
@@ -63,6 +65,8 @@ class PipelineClient:
             FlushDone: self._on_flush_done,
         }
         self.flushes: dict[str, asyncio.Future[FlushDone]] = {}
+        self.last_answer = time.monotonic()  # when the pipeline last answered any request
+        self._probes: set[str] = set()  # /health_generate's requests: kept out of the token counters
         self._reader: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -79,15 +83,19 @@ class PipelineClient:
     def _on_response(self, msg: ResponseReady) -> None:
         body = bytes(self.response_ring.view(msg.body.offset, msg.body.nbytes))
         self.response_ring.release(msg.body.offset)
+        self.last_answer = time.monotonic()
         future = self.waiting.pop(msg.rid, None)
         if future is not None and not future.done():
             future.set_result(body)
+            if msg.rid in self._probes:
+                return
             # NOTE: after the handler wakes (call_soon keeps order): ~40 us the response waited for
             asyncio.get_running_loop().call_soon(
                 self.metrics.observe_served, msg.prompt_tokens, msg.cached_tokens, msg.output_seconds
             )
 
     def _on_failure(self, msg: RequestFailed) -> None:
+        self.last_answer = time.monotonic()
         future = self.waiting.pop(msg.rid, None)
         if future is not None and not future.done():
             headers = RETRY_AFTER if msg.status == 429 else None
@@ -173,6 +181,36 @@ class PipelineClient:
         finally:
             watcher.cancel()
             self.waiting.pop(rid, None)
+
+    async def probe(self, timeout: float) -> str | None:
+        """Sends a one-word request through the whole pipeline; None once it or any other request is
+        answered (the pipeline moves), else why not: nothing answered within `timeout` seconds, or
+        the probe failed.
+
+        NOTE: any answer counts, not only the probe's: behind a long queue the probe itself may wait
+        longer than `timeout` while the server is perfectly healthy (SGLang's check does the same).
+        """
+        started = time.monotonic()
+        rid = f"health-{uuid.uuid4().hex}"
+        meta = RequestMeta(rid=rid, api="encode", model="", lengths=[], single=True, arrival_time=time.time())
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiting[rid] = future
+        self._probes.add(rid)
+        try:
+            await self.to_tokenizer.send(EmbedRequest(meta=meta, texts=["health"]))
+            while not future.done() and self.last_answer <= started:
+                left = started + timeout - time.monotonic()
+                if left <= 0:
+                    return f"no request was answered in the last {timeout:g} s (--health-check-timeout)"
+                await asyncio.wait({future}, timeout=min(left, 0.05))
+            if future.done() and future.exception() is not None:
+                return f"the probe request failed: {future.exception()}"
+            return None
+        finally:
+            if not future.done():
+                await self.abort(rid)
+            self.waiting.pop(rid, None)
+            self._probes.discard(rid)
 
     async def abort(self, rid: str) -> None:
         self.waiting.pop(rid, None)

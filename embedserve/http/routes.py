@@ -82,6 +82,20 @@ async def health(request: Request) -> Response:
     return ApiError(503, f"The server is {reason}.").response()
 
 
+@public.get("/health_generate")
+async def health_generate(request: Request) -> Response:
+    """SGLang's deep check: 200 once the pipeline answers a request, 503 when it is stuck (a process
+    that hangs leaves /health at 200)."""
+    state = state_of(request)
+    pipeline = state.pipeline
+    if not pipeline.ready or pipeline.draining:
+        return await health(request)
+    problem = await pipeline.probe(state.args.health_check_timeout)
+    if problem is None:
+        return json_response({"status": "ok"})
+    return ApiError(503, f"The server is not making progress: {problem}.", code="not_healthy").response()
+
+
 @protected.post("/v1/embeddings", openapi_extra=body_spec(EMBEDDINGS_REQUEST))
 async def embeddings(request: Request) -> Response:
     state = state_of(request)
