@@ -112,28 +112,37 @@ def test_crash_in_the_forward_fails_only_its_batch(limited):
     assert healthy(limited)
 
 
-def prompt_tokens_served(server: LaunchedServer) -> float:
+def metric_sum(server: LaunchedServer, name: str) -> float:
+    """The metric's value summed over its label sets, from /metrics."""
     text = requests.get(f"{server.url}/metrics", timeout=5).text
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("embedserve_prompt_tokens_total")
-    )
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def test_health_generate_reports_a_stuck_pipeline_that_health_does_not(limited):
-    before = prompt_tokens_served(limited)
+    before = metric_sum(limited, "embedserve_prompt_tokens_total")
     ok = requests.get(f"{limited.url}/health_generate", timeout=30)
     assert (ok.status_code, ok.json()) == (200, {"status": "ok"})
-    assert prompt_tokens_served(limited) == before, "the probe counted as served tokens"
+    assert metric_sum(limited, "embedserve_prompt_tokens_total") == before, (
+        "the probe counted as served tokens"
+    )
     executor = limited.child("executor")
     executor.suspend()  # a hung process: SIGSTOP
     try:
         started = time.monotonic()
-        stuck = requests.get(f"{limited.url}/health_generate", timeout=30)
+        with ThreadPoolExecutor(8) as pool:  # a flood of checks shares one probe request
+            checks = [
+                pool.submit(requests.get, f"{limited.url}/health_generate", timeout=30) for _ in range(8)
+            ]
+            time.sleep(1.0)
+            inputs_held = metric_sum(limited, "embedserve_queue_sequences") + metric_sum(
+                limited, "embedserve_running_sequences"
+            )
+            stuck = [check.result() for check in checks]
         waited = time.monotonic() - started
-        error = assert_openai_error(stuck, 503)
-        assert error["code"] == "not_healthy" and "--health-check-timeout" in error["message"]
+        assert inputs_held == 1, f"{inputs_held} probe inputs in the pipeline for 8 concurrent checks"
+        for response in stuck:
+            error = assert_openai_error(response, 503)
+            assert error["code"] == "not_healthy" and "--health-check-timeout" in error["message"]
         assert 1.5 < waited < 10
         assert healthy(limited), "/health is the cheap check: it only says the HTTP process answers"
     finally:

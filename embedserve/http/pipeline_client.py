@@ -66,7 +66,8 @@ class PipelineClient:
         }
         self.flushes: dict[str, asyncio.Future[FlushDone]] = {}
         self.last_answer = time.monotonic()  # when the pipeline last answered any request
-        self._probes: set[str] = set()  # /health_generate's requests: kept out of the token counters
+        self._probe: asyncio.Future[str | None] | None = None  # /health_generate's, while it runs
+        self._probe_rid = ""  # its request: kept out of the token counters
         self._reader: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -87,7 +88,7 @@ class PipelineClient:
         future = self.waiting.pop(msg.rid, None)
         if future is not None and not future.done():
             future.set_result(body)
-            if msg.rid in self._probes:
+            if msg.rid == self._probe_rid:
                 return
             # NOTE: after the handler wakes (call_soon keeps order): ~40 us the response waited for
             asyncio.get_running_loop().call_soon(
@@ -185,17 +186,22 @@ class PipelineClient:
     async def probe(self, timeout: float) -> str | None:
         """Sends a one-word request through the whole pipeline; None once it or any other request is
         answered (the pipeline moves), else why not: nothing answered within `timeout` seconds, or
-        the probe failed.
+        the probe failed. Callers that come while a probe runs share it, so a flood of health checks
+        sends one request at a time.
 
         NOTE: any answer counts, not only the probe's: behind a long queue the probe itself may wait
         longer than `timeout` while the server is perfectly healthy (SGLang's check does the same).
         """
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._run_probe(timeout))
+        return await asyncio.shield(self._probe)
+
+    async def _run_probe(self, timeout: float) -> str | None:
         started = time.monotonic()
-        rid = f"health-{uuid.uuid4().hex}"
+        rid = self._probe_rid = f"health-{uuid.uuid4().hex}"
         meta = RequestMeta(rid=rid, api="encode", model="", lengths=[], single=True, arrival_time=time.time())
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.waiting[rid] = future
-        self._probes.add(rid)
         try:
             await self.to_tokenizer.send(EmbedRequest(meta=meta, texts=["health"]))
             while not future.done() and self.last_answer <= started:
@@ -210,7 +216,6 @@ class PipelineClient:
             if not future.done():
                 await self.abort(rid)
             self.waiting.pop(rid, None)
-            self._probes.discard(rid)
 
     async def abort(self, rid: str) -> None:
         self.waiting.pop(rid, None)
