@@ -174,6 +174,18 @@ def test_overload_answers_every_request_with_200_in_full_or_429(small_queue):
     assert healthy(small_queue)
 
 
+def test_health_generate_calls_a_full_queue_busy_not_stuck(small_queue):
+    with ThreadPoolExecutor(1) as pool:
+        big = pool.submit(small_queue.post, "/v1/embeddings", {"input": passages(120, "busy")})  # ~30k tokens
+        time.sleep(0.5)
+        started = time.monotonic()
+        check = requests.get(f"{small_queue.url}/health_generate", timeout=30)
+        answered_in = time.monotonic() - started
+        assert big.result().status_code == 200
+    assert check.status_code == 200, check.text  # the probe got a 429: the pipeline answers
+    assert answered_in < 3
+
+
 def test_disconnected_client_has_its_work_skipped(plain):
     bodies = [
         json.dumps({"input": passages(40, f"gone{k}")}).encode() for k in range(6)

@@ -209,8 +209,10 @@ class PipelineClient:
                 if left <= 0:
                     return f"no request was answered in the last {timeout:g} s (--health-check-timeout)"
                 await asyncio.wait({future}, timeout=min(left, 0.05))
-            if future.done() and future.exception() is not None:
-                return f"the probe request failed: {future.exception()}"
+            failure = future.exception() if future.done() else None
+            # NOTE: a probe refused for a full queue (429) was still answered: busy, not stuck
+            if failure is not None and not (isinstance(failure, ApiError) and failure.status == 429):
+                return f"the probe request failed: {failure}"
             return None
         finally:
             if not future.done():

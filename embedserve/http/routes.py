@@ -93,7 +93,8 @@ async def health_generate(request: Request) -> Response:
     problem = await pipeline.probe(state.args.health_check_timeout)
     if problem is None:
         return json_response({"status": "ok"})
-    return ApiError(503, f"The server is not making progress: {problem}.", code="not_healthy").response()
+    message = f"The server is not making progress: {problem.rstrip('.')}."
+    return ApiError(503, message, code="not_healthy").response()
 
 
 @protected.post("/v1/embeddings", openapi_extra=body_spec(EMBEDDINGS_REQUEST))
