@@ -37,6 +37,7 @@ class RequestMeta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     single: bool = False  # /encode with one input answers an object, not a list
     arrival_time: float = 0.0  # time.time() when HTTP accepted the request
     client_ids: list[str] | None = None  # /encode's `rid` (SGLang's), one per input: meta_info.id
+    probe: bool = False  # /health_generate's: admitted whatever the queue holds, and scheduled first
 
 
 # ---- to the tokenizer (from http) ------------------------------------------------------------

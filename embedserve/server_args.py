@@ -46,6 +46,7 @@ _AT_LEAST = {
     "max_request_bytes": 1,
     "num_threads": 1,
     "shutdown_timeout": 0,
+    "health_check_timeout": 1,
 }
 
 
@@ -173,8 +174,8 @@ class ServerArgs:
     )
     health_check_timeout: float = _opt(
         20.0,
-        "Seconds /health_generate waits for the pipeline to answer anything (its probe or another "
-        "request) before it reports the server stuck with 503.",
+        "Seconds /health_generate waits for its probe request (scheduled ahead of the queue) to come "
+        "back through every process before it reports the server stuck with 503.",
     )
     random_seed: int = _opt(0, "Seed for anything random (weights of test models are not ours to seed).")
 
@@ -292,10 +293,12 @@ class ServerArgs:
             value = getattr(self, name)
             if value is not None and not value >= lowest:  # NOTE: also refuses nan
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {lowest}, not {value}")
-        for name in ("request_timeout", "mem_fraction_static", "health_check_timeout"):
+        for name in ("request_timeout", "mem_fraction_static"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be more than 0, not {value}")
+        if self.health_check_timeout == float("inf"):  # NOTE: a check that never answers
+            raise ValueError("--health-check-timeout must be a number of seconds, not inf")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
         if self.mem_fraction_static > 1:

@@ -122,33 +122,59 @@ def test_health_generate_reports_a_stuck_pipeline_that_health_does_not(limited):
     before = metric_sum(limited, "embedserve_prompt_tokens_total")
     ok = requests.get(f"{limited.url}/health_generate", timeout=30)
     assert (ok.status_code, ok.json()) == (200, {"status": "ok"})
+    assert requests.head(f"{limited.url}/health_generate", timeout=30).status_code == 200
     assert metric_sum(limited, "embedserve_prompt_tokens_total") == before, (
         "the probe counted as served tokens"
     )
     executor = limited.child("executor")
     executor.suspend()  # a hung process: SIGSTOP
+    refused = []
     try:
         started = time.monotonic()
-        with ThreadPoolExecutor(8) as pool:  # a flood of checks shares one probe request
+        with ThreadPoolExecutor(10) as pool:  # a flood of checks shares one probe request
             checks = [
                 pool.submit(requests.get, f"{limited.url}/health_generate", timeout=30) for _ in range(8)
             ]
             time.sleep(1.0)
+            late = pool.submit(timed_get, f"{limited.url}/health_generate")  # its own 2 s, not the rest
+            for _ in range(4):  # errors still come back from the tokenizer: they are not progress
+                refused.append(limited.post("/v1/embeddings", {"input": "word " * 300}).status_code)
             inputs_held = metric_sum(limited, "embedserve_queue_sequences") + metric_sum(
                 limited, "embedserve_running_sequences"
             )
+            in_flight = metric_sum(limited, "embedserve_in_flight_requests")
             stuck = [check.result() for check in checks]
+            late_response, late_waited = late.result()
         waited = time.monotonic() - started
-        assert inputs_held == 1, f"{inputs_held} probe inputs in the pipeline for 8 concurrent checks"
-        for response in stuck:
+        assert inputs_held == 1, f"{inputs_held} probe inputs in the pipeline for 9 concurrent checks"
+        assert in_flight == 0, "the probe counted as a client's request"
+        assert refused == [400] * 4
+        for response in [*stuck, late_response]:
             error = assert_openai_error(response, 503)
             assert error["code"] == "not_healthy" and "--health-check-timeout" in error["message"]
         assert 1.5 < waited < 10
+        assert 1.5 < late_waited < 10
         assert healthy(limited), "/health is the cheap check: it only says the HTTP process answers"
     finally:
         executor.resume()
     assert serves_again(limited)
     assert requests.get(f"{limited.url}/health_generate", timeout=30).status_code == 200
+
+
+def timed_get(url: str) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    return requests.get(url, timeout=30), time.monotonic() - started
+
+
+def test_health_generate_answers_ahead_of_a_long_queue(small_queue):
+    """A busy server is healthy: the probe runs ahead of the queue, and past its token limit."""
+    with ThreadPoolExecutor(1) as pool:
+        big = pool.submit(small_queue.post, "/v1/embeddings", {"input": passages(160, "busy")})  # ~39k tokens
+        time.sleep(0.5)
+        check, answered_in = timed_get(f"{small_queue.url}/health_generate")
+        assert big.result().status_code == 200
+    assert check.status_code == 200, check.text
+    assert answered_in < 3
 
 
 def test_overload_answers_every_request_with_200_in_full_or_429(small_queue):
@@ -172,18 +198,6 @@ def test_overload_answers_every_request_with_200_in_full_or_429(small_queue):
     assert all(retry == "1" for s, _, retry in results if s == 429)
     assert health_codes and set(health_codes) == {200}
     assert healthy(small_queue)
-
-
-def test_health_generate_calls_a_full_queue_busy_not_stuck(small_queue):
-    with ThreadPoolExecutor(1) as pool:
-        big = pool.submit(small_queue.post, "/v1/embeddings", {"input": passages(120, "busy")})  # ~30k tokens
-        time.sleep(0.5)
-        started = time.monotonic()
-        check = requests.get(f"{small_queue.url}/health_generate", timeout=30)
-        answered_in = time.monotonic() - started
-        assert big.result().status_code == 200
-    assert check.status_code == 200, check.text  # the probe got a 429: the pipeline answers
-    assert answered_in < 3
 
 
 def test_disconnected_client_has_its_work_skipped(plain):

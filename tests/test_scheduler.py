@@ -26,6 +26,17 @@ def test_batches_respect_token_and_sequence_budgets_in_fcfs_order():
     assert s.next_batch() is None
 
 
+def test_a_health_probe_goes_ahead_of_the_waiting_queue():
+    s = Scheduler(max_prefill_tokens=100, max_running_seqs=8)
+    s.add_request(request("a", [60, 60]))
+    probe = TokenizedRequest(
+        meta=RequestMeta(rid="p", api="encode", model="", lengths=[3], probe=True), tokens=RingRef(480, 12)
+    )
+    s.add_request(probe)
+    first, _ = s.next_batch()
+    assert [(q.rid, q.index) for q in first.seqs] == [("p", 0), ("a", 0)]
+
+
 def test_an_input_longer_than_the_budget_runs_alone():
     s = Scheduler(max_prefill_tokens=16, max_running_seqs=8)
     s.add_request(request("long", [50, 5]))

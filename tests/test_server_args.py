@@ -72,6 +72,8 @@ def test_a_bad_concurrent_batches_is_a_usage_error_not_a_traceback():
         ["--embedding-cache-size", "-1"],
         ["--request-timeout", "0"],
         ["--health-check-timeout", "nan"],
+        ["--health-check-timeout", "inf"],
+        ["--health-check-timeout", "0.001"],
         ["--port", "70000"],
         ["--mem-fraction-static", "2"],
         ["--num-threads", "0"],

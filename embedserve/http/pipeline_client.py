@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -65,9 +64,10 @@ class PipelineClient:
             FlushDone: self._on_flush_done,
         }
         self.flushes: dict[str, asyncio.Future[FlushDone]] = {}
-        self.last_answer = time.monotonic()  # when the pipeline last answered any request
-        self._probe: asyncio.Future[str | None] | None = None  # /health_generate's, while it runs
-        self._probe_rid = ""  # its request: kept out of the token counters
+        # /health_generate's probe request: apart from `waiting`, so it counts toward no limit,
+        # gauge, drain or flush; one at a time, shared by the checks that come while it runs.
+        self._probe: asyncio.Future[bytes] | None = None
+        self._probe_rid = ""
         self._reader: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -84,8 +84,7 @@ class PipelineClient:
     def _on_response(self, msg: ResponseReady) -> None:
         body = bytes(self.response_ring.view(msg.body.offset, msg.body.nbytes))
         self.response_ring.release(msg.body.offset)
-        self.last_answer = time.monotonic()
-        future = self.waiting.pop(msg.rid, None)
+        future = self.waiting.pop(msg.rid, None) or self._take_probe(msg.rid)
         if future is not None and not future.done():
             future.set_result(body)
             if msg.rid == self._probe_rid:
@@ -96,8 +95,7 @@ class PipelineClient:
             )
 
     def _on_failure(self, msg: RequestFailed) -> None:
-        self.last_answer = time.monotonic()
-        future = self.waiting.pop(msg.rid, None)
+        future = self.waiting.pop(msg.rid, None) or self._take_probe(msg.rid)
         if future is not None and not future.done():
             headers = RETRY_AFTER if msg.status == 429 else None
             future.set_exception(ApiError(msg.status, msg.message, msg.type, msg.param, msg.code, headers))
@@ -133,6 +131,8 @@ class PipelineClient:
         """Answer every request still in flight with 503 `message` (the server is stopping), rather
         than leave its client to a dropped connection; returns how many there were."""
         pending = [future for future in self.waiting.values() if not future.done()]
+        if self._probe is not None and not self._probe.done():
+            self._probe.set_exception(ApiError(503, message, code="server_stopping"))
         for future in pending:
             future.set_exception(ApiError(503, message, code="server_stopping"))
         if pending:
@@ -184,40 +184,30 @@ class PipelineClient:
             self.waiting.pop(rid, None)
 
     async def probe(self, timeout: float) -> str | None:
-        """Sends a one-word request through the whole pipeline; None once it or any other request is
-        answered (the pipeline moves), else why not: nothing answered within `timeout` seconds, or
-        the probe failed. Callers that come while a probe runs share it, so a flood of health checks
-        sends one request at a time.
-
-        NOTE: any answer counts, not only the probe's: behind a long queue the probe itself may wait
-        longer than `timeout` while the server is perfectly healthy (SGLang's check does the same).
-        """
+        """None once a one-word request has gone through the whole pipeline within `timeout`
+        seconds, else why not. The probe runs ahead of the queue (the scheduler puts it first), so a
+        busy server answers it within a batch or two. A check that comes while a probe is out waits
+        for that one (a flood of checks sends one request), for its own `timeout`."""
         if self._probe is None or self._probe.done():
-            self._probe = asyncio.ensure_future(self._run_probe(timeout))
-        return await asyncio.shield(self._probe)
-
-    async def _run_probe(self, timeout: float) -> str | None:
-        started = time.monotonic()
-        rid = self._probe_rid = f"health-{uuid.uuid4().hex}"
-        meta = RequestMeta(rid=rid, api="encode", model="", lengths=[], single=True, arrival_time=time.time())
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.waiting[rid] = future
-        try:
+            self._probe_rid = f"health-{uuid.uuid4().hex}"
+            self._probe = asyncio.get_running_loop().create_future()
+            # NOTE: its failure is read by the checks waiting then, if any: never "never retrieved"
+            self._probe.add_done_callback(lambda f: f.cancelled() or f.exception())
+            meta = RequestMeta(
+                rid=self._probe_rid, api="encode", model="", lengths=[], single=True, probe=True
+            )
             await self.to_tokenizer.send(EmbedRequest(meta=meta, texts=["health"]))
-            while not future.done() and self.last_answer <= started:
-                left = started + timeout - time.monotonic()
-                if left <= 0:
-                    return f"no request was answered in the last {timeout:g} s (--health-check-timeout)"
-                await asyncio.wait({future}, timeout=min(left, 0.05))
-            failure = future.exception() if future.done() else None
-            # NOTE: a probe refused for a full queue (429) was still answered: busy, not stuck
-            if failure is not None and not (isinstance(failure, ApiError) and failure.status == 429):
-                return f"the probe request failed: {failure}"
-            return None
-        finally:
-            if not future.done():
-                await self.abort(rid)
-            self.waiting.pop(rid, None)
+        probe = self._probe
+        try:
+            await asyncio.wait_for(asyncio.shield(probe), timeout)
+        except asyncio.TimeoutError:
+            return f"a probe request was not answered within {timeout:g} s (--health-check-timeout)"
+        except ApiError as exc:
+            return f"the probe request failed: {exc}"
+        return None
+
+    def _take_probe(self, rid: str) -> asyncio.Future[bytes] | None:
+        return self._probe if rid == self._probe_rid else None
 
     async def abort(self, rid: str) -> None:
         self.waiting.pop(rid, None)

@@ -82,15 +82,17 @@ async def health(request: Request) -> Response:
     return ApiError(503, f"The server is {reason}.").response()
 
 
-@public.get("/health_generate")
+@public.api_route("/health_generate", methods=["GET", "HEAD"])
 async def health_generate(request: Request) -> Response:
-    """SGLang's deep check: 200 once the pipeline answers a request, 503 when it is stuck (a process
-    that hangs leaves /health at 200)."""
+    """SGLang's deep check: 200 once a probe request has gone through every process, 503 when one
+    is stuck (a process that hangs leaves /health at 200)."""
     state = state_of(request)
     pipeline = state.pipeline
     if not pipeline.ready or pipeline.draining:
         return await health(request)
     problem = await pipeline.probe(state.args.health_check_timeout)
+    if pipeline.draining:  # NOTE: a restart is not a hang: it answers as /health does
+        return await health(request)
     if problem is None:
         return json_response({"status": "ok"})
     message = f"The server is not making progress: {problem.rstrip('.')}."

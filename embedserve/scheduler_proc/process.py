@@ -97,7 +97,7 @@ class SchedulerWorker:
 
     def _on_request(self, msg: TokenizedRequest) -> None:
         tokens = sum(msg.meta.lengths)
-        if not self.scheduler.admits(tokens):
+        if not msg.meta.probe and not self.scheduler.admits(tokens):
             self._release([msg.tokens])
             self.to_http.send(
                 RequestFailed(

@@ -5,7 +5,8 @@ to the token budget (new tokens only: cached ones cost nothing) and the sequence
 `max_batches_in_flight` batches are at the executor at once, so the next batch is ready the
 moment the current one finishes. A sequence that cannot get KV slots waits at the head: order is
 kept and nothing fails for lack of cache. A long input runs chunk by chunk, back at the head of
-the queue between chunks. A request's token block is released when its last sequence has been
+the queue between chunks. A health probe (`/health_generate`) goes to the head of the queue on
+arrival. A request's token block is released when its last sequence has been
 computed (or it was aborted and nothing of it is still in flight).
 """
 
@@ -117,10 +118,16 @@ class Scheduler:
     def add_request(self, req: TokenizedRequest, now: float = 0.0) -> None:
         lengths = req.meta.lengths
         self._requests[req.meta.rid] = _RequestState(req.meta, req.tokens, unfinished=len(lengths))
-        start = 0
+        seqs, start = [], 0
         for index, length in enumerate(lengths):
-            self.queue.push(Seq(req.meta.rid, index, req.tokens, start, length, now))
+            seqs.append(Seq(req.meta.rid, index, req.tokens, start, length, now))
             start += length
+        if req.meta.probe:  # NOTE: a health probe measures the pipeline, not the queue in front of it
+            for seq in reversed(seqs):
+                self.queue.push_front(seq)
+        else:
+            for seq in seqs:
+                self.queue.push(seq)
 
     def abort(self, rid: str) -> list[RingRef]:
         """Forget a request whose client left; returns token blocks that can be released now."""
