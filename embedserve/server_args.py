@@ -297,8 +297,8 @@ class ServerArgs:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be more than 0, not {value}")
-        if self.health_check_timeout == float("inf"):  # NOTE: a check that never answers
-            raise ValueError("--health-check-timeout must be a number of seconds, not inf")
+        if not self.health_check_timeout <= 3600:  # NOTE: a check that never answers is no check
+            raise ValueError(f"--health-check-timeout must be at most 3600, not {self.health_check_timeout}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
         if self.mem_fraction_static > 1:

@@ -119,13 +119,15 @@ def metric_sum(server: LaunchedServer, name: str) -> float:
 
 
 def test_health_generate_reports_a_stuck_pipeline_that_health_does_not(limited):
-    before = metric_sum(limited, "embedserve_prompt_tokens_total")
+    counters = ("prompt_tokens_total", "queue_wait_seconds_count", "tokenize_seconds_count")
+    time.sleep(0.5)  # NOTE: the scheduler reports every 50 ms: earlier requests' numbers are in
+    before = [metric_sum(limited, f"embedserve_{name}") for name in counters]
     ok = requests.get(f"{limited.url}/health_generate", timeout=30)
     assert (ok.status_code, ok.json()) == (200, {"status": "ok"})
     assert requests.head(f"{limited.url}/health_generate", timeout=30).status_code == 200
-    assert metric_sum(limited, "embedserve_prompt_tokens_total") == before, (
-        "the probe counted as served tokens"
-    )
+    time.sleep(0.5)
+    after = [metric_sum(limited, f"embedserve_{name}") for name in counters]
+    assert after == before, f"the probes counted in {counters}: {before} -> {after}"
     executor = limited.child("executor")
     executor.suspend()  # a hung process: SIGSTOP
     refused = []
@@ -198,6 +200,23 @@ def test_overload_answers_every_request_with_200_in_full_or_429(small_queue):
     assert all(retry == "1" for s, _, retry in results if s == 429)
     assert health_codes and set(health_codes) == {200}
     assert healthy(small_queue)
+
+
+def test_flush_cache_is_not_refused_for_a_health_probe(plain):
+    stop = threading.Event()
+
+    def check_again_and_again() -> None:
+        while not stop.is_set():
+            requests.get(f"{plain.url}/health_generate", timeout=30)
+
+    checker = threading.Thread(target=check_again_and_again)
+    checker.start()
+    try:
+        flushes = [requests.post(f"{plain.url}/flush_cache", timeout=30).status_code for _ in range(40)]
+    finally:
+        stop.set()
+        checker.join()
+    assert flushes == [200] * 40
 
 
 def test_disconnected_client_has_its_work_skipped(plain):
@@ -283,6 +302,28 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(launch):
     assert server.stop() == 0
     assert server.shm_segments() == []
     server.kill_strays()
+
+
+def test_a_health_check_caught_by_a_drain_answers_shutting_down_at_once(launch):
+    server = launch("--shutdown-timeout", "30")
+    executor = server.child("executor")
+    executor.suspend()  # the probe stays out: only the drain can answer the check
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            check = pool.submit(timed_get, f"{server.url}/health_generate")
+            time.sleep(0.5)
+            stopping = time.monotonic()
+            os.kill(server.proc.pid, signal.SIGTERM)
+            response, _ = check.result()
+            answered_in = time.monotonic() - stopping
+    finally:
+        executor.resume()
+    assert (response.status_code, response.json()["error"]["message"]) == (
+        503,
+        "The server is shutting down.",
+    )
+    assert answered_in < 3, "the check held the drain as if it were a client's request"
+    assert server.stop() == 0
 
 
 def test_a_drain_waits_for_the_last_responses_to_be_written(launch):

@@ -73,6 +73,7 @@ def test_a_bad_concurrent_batches_is_a_usage_error_not_a_traceback():
         ["--request-timeout", "0"],
         ["--health-check-timeout", "nan"],
         ["--health-check-timeout", "inf"],
+        ["--health-check-timeout", "1e300"],
         ["--health-check-timeout", "0.001"],
         ["--port", "70000"],
         ["--mem-fraction-static", "2"],

@@ -37,6 +37,7 @@ class ClientGone(Exception):
 
 
 RETRY_AFTER = {"Retry-After": "1"}
+PROBE_FLUSH_WAIT_S = 5.0  # how long /flush_cache waits for a health probe in the pipeline
 
 
 class PipelineClient:
@@ -113,6 +114,9 @@ class PipelineClient:
                 ok=False,
                 message=f"Cannot flush the cache while {len(self.waiting)} requests are in flight.",
             )
+        if self._probe is not None and not self._probe.done():
+            # NOTE: a health probe in the pipeline would make the scheduler refuse; it takes ms
+            await asyncio.wait({self._probe}, timeout=PROBE_FLUSH_WAIT_S)
         flush_id = uuid.uuid4().hex
         future: asyncio.Future[FlushDone] = asyncio.get_running_loop().create_future()
         self.flushes[flush_id] = future
@@ -124,6 +128,9 @@ class PipelineClient:
 
     def _on_state(self, msg: ServerState) -> None:
         self.ready, self.draining = msg.ready, msg.draining
+        if self.draining and self._probe is not None and not self._probe.done():
+            # NOTE: its checks answer "shutting down" now, not hold the drain until the probe is back
+            self._probe.set_exception(ApiError(503, "The server is shutting down."))
         if msg.abandon:
             self.fail_all(f"The server is stopping: {msg.abandon}. This request was not finished; retry it.")
 

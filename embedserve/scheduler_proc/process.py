@@ -111,7 +111,8 @@ class SchedulerWorker:
             )
             return
         self.scheduler.add_request(msg, time.monotonic())
-        self.stats.on_tokenized(msg.tokenize_seconds)
+        if not msg.meta.probe:  # NOTE: health probes stay out of the latency metrics
+            self.stats.on_tokenized(msg.tokenize_seconds)
 
     def _on_abort(self, msg: AbortRequest) -> None:
         self._release(self.scheduler.abort(msg.rid))

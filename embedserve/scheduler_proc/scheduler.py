@@ -174,7 +174,9 @@ class Scheduler:
             token_usage=self.running_tokens / self.max_total_num_tokens,
             running_seqs=running_before,
             queued_seqs=len(self.queue),
-            queue_waits=[now - p.seq.enqueued_at for p in planned],
+            queue_waits=[  # NOTE: a health probe skips the queue: its ~0 s would flatter the metric
+                now - p.seq.enqueued_at for p in planned if not self._requests[p.seq.rid].meta.probe
+            ],
         )
         return batch, stats
 
