@@ -37,7 +37,6 @@ class ClientGone(Exception):
 
 
 RETRY_AFTER = {"Retry-After": "1"}
-PROBE_FLUSH_WAIT_S = 5.0  # how long /flush_cache waits for a health probe in the pipeline
 
 
 class PipelineClient:
@@ -114,9 +113,6 @@ class PipelineClient:
                 ok=False,
                 message=f"Cannot flush the cache while {len(self.waiting)} requests are in flight.",
             )
-        if self._probe is not None and not self._probe.done():
-            # NOTE: a health probe in the pipeline would make the scheduler refuse; it takes ms
-            await asyncio.wait({self._probe}, timeout=PROBE_FLUSH_WAIT_S)
         flush_id = uuid.uuid4().hex
         future: asyncio.Future[FlushDone] = asyncio.get_running_loop().create_future()
         self.flushes[flush_id] = future

@@ -35,6 +35,9 @@ from embedserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
+# How long a cache flush waits for nothing to be queued or running before it is refused.
+FLUSH_WAIT_S = 2.0
+
 
 def format_batch_log(stats: BatchStats) -> str:
     """The seed's per-batch line, which users grep for."""
@@ -67,6 +70,7 @@ class SchedulerWorker:
             BatchDone: self._on_batch_done,
             FlushCache: self._on_flush,
         }
+        self._flushes: list[tuple[FlushCache, float]] = []  # waiting for an idle moment, until a deadline
 
     def run_forever(self) -> None:
         while True:
@@ -75,6 +79,7 @@ class SchedulerWorker:
                 self._handlers[type(msg)](msg)
                 self.stats.mark_changed()
             self._schedule()
+            self._answer_flushes()
             if (report := self.stats.take_report()) is not None:
                 self.to_http.send(report)
 
@@ -82,7 +87,13 @@ class SchedulerWorker:
         # NOTE: block only when there is nothing to schedule and no report due.
         if self.scheduler.can_schedule:
             return 0
-        return self.stats.wait_ms()
+        waits = [w for w in (self.stats.wait_ms(), self._flush_wait_ms()) if w is not None]
+        return min(waits) if waits else None
+
+    def _flush_wait_ms(self) -> int | None:
+        if not self._flushes:
+            return None
+        return max(0, int((min(deadline for _, deadline in self._flushes) - time.monotonic()) * 1000) + 1)
 
     def _schedule(self) -> None:
         while (formed := self.scheduler.next_batch(time.monotonic())) is not None:
@@ -118,11 +129,25 @@ class SchedulerWorker:
         self._release(self.scheduler.abort(msg.rid))
 
     def _on_flush(self, msg: FlushCache) -> None:
-        ok = self.scheduler.flush()
-        message = "" if ok else "Cannot flush the cache while requests are in flight."
-        self.to_http.send(FlushDone(flush_id=msg.flush_id, ok=ok, message=message))
-        if ok:
+        # NOTE: not at once: a request whose answer the client already has may still be in flight
+        # here ("done" comes from the executor on another path than the answer), as may a health probe
+        self._flushes.append((msg, time.monotonic() + FLUSH_WAIT_S))
+
+    def _answer_flushes(self) -> None:
+        """Flushes once nothing is queued or running; refuses those that waited FLUSH_WAIT_S for it."""
+        if not self._flushes:
+            return
+        if self.scheduler.flush():
             logger.info("Cache flushed.")
+            answered, self._flushes = self._flushes, []
+            for msg, _ in answered:
+                self.to_http.send(FlushDone(flush_id=msg.flush_id, ok=True, message=""))
+            return
+        now = time.monotonic()
+        message = "Cannot flush the cache while requests are in flight."
+        for msg, _ in (late := [f for f in self._flushes if f[1] <= now]):
+            self.to_http.send(FlushDone(flush_id=msg.flush_id, ok=False, message=message))
+        self._flushes = [f for f in self._flushes if f not in late]
 
     def _read_tokens(self, seq: Seq) -> list[int]:
         block = np.frombuffer(self.token_ring.view(seq.tokens.offset, seq.tokens.nbytes), dtype="<i4")
