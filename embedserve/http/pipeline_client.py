@@ -84,10 +84,10 @@ class PipelineClient:
     def _on_response(self, msg: ResponseReady) -> None:
         body = bytes(self.response_ring.view(msg.body.offset, msg.body.nbytes))
         self.response_ring.release(msg.body.offset)
-        future = self.waiting.pop(msg.rid, None) or self._take_probe(msg.rid)
+        future = self._future_of(msg.rid)
         if future is not None and not future.done():
             future.set_result(body)
-            if msg.rid == self._probe_rid:
+            if future is self._probe:
                 return
             # NOTE: after the handler wakes (call_soon keeps order): ~40 us the response waited for
             asyncio.get_running_loop().call_soon(
@@ -95,7 +95,7 @@ class PipelineClient:
             )
 
     def _on_failure(self, msg: RequestFailed) -> None:
-        future = self.waiting.pop(msg.rid, None) or self._take_probe(msg.rid)
+        future = self._future_of(msg.rid)
         if future is not None and not future.done():
             headers = RETRY_AFTER if msg.status == 429 else None
             future.set_exception(ApiError(msg.status, msg.message, msg.type, msg.param, msg.code, headers))
@@ -134,8 +134,6 @@ class PipelineClient:
         """Answer every request still in flight with 503 `message` (the server is stopping), rather
         than leave its client to a dropped connection; returns how many there were."""
         pending = [future for future in self.waiting.values() if not future.done()]
-        if self._probe is not None and not self._probe.done():
-            self._probe.set_exception(ApiError(503, message, code="server_stopping"))
         for future in pending:
             future.set_exception(ApiError(503, message, code="server_stopping"))
         if pending:
@@ -209,8 +207,10 @@ class PipelineClient:
             return f"the probe request failed: {exc}"
         return None
 
-    def _take_probe(self, rid: str) -> asyncio.Future[bytes] | None:
-        return self._probe if rid == self._probe_rid else None
+    def _future_of(self, rid: str) -> asyncio.Future[bytes] | None:
+        """What awaits the answer to `rid`: a client's request (no longer waiting once answered), or
+        the health probe."""
+        return self._probe if rid == self._probe_rid else self.waiting.pop(rid, None)
 
     async def abort(self, rid: str) -> None:
         self.waiting.pop(rid, None)

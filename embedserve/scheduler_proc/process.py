@@ -143,11 +143,14 @@ class SchedulerWorker:
             for msg, _ in answered:
                 self.to_http.send(FlushDone(flush_id=msg.flush_id, ok=True, message=""))
             return
-        now = time.monotonic()
-        message = "Cannot flush the cache while requests are in flight."
-        for msg, _ in (late := [f for f in self._flushes if f[1] <= now]):
-            self.to_http.send(FlushDone(flush_id=msg.flush_id, ok=False, message=message))
-        self._flushes = [f for f in self._flushes if f not in late]
+        now, still_waiting = time.monotonic(), []
+        for msg, deadline in self._flushes:
+            if deadline > now:
+                still_waiting.append((msg, deadline))
+            else:
+                message = "Cannot flush the cache while requests are in flight."
+                self.to_http.send(FlushDone(flush_id=msg.flush_id, ok=False, message=message))
+        self._flushes = still_waiting
 
     def _read_tokens(self, seq: Seq) -> list[int]:
         block = np.frombuffer(self.token_ring.view(seq.tokens.offset, seq.tokens.nbytes), dtype="<i4")
