@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from launched_server import LaunchedServer
@@ -57,6 +59,43 @@ def test_a_corpus_file_is_what_gets_sent_and_counted(server, tmp_path, suffix):
     assert done.returncode == 0, done.stderr
     (r,) = json.loads(out.read_text())["embedserve"]
     assert r["inputs"] > 0 and r["tokens"] == 4 * r["inputs"]
+
+
+def interrupt_once_measuring(args: list[str], after_load_starts: float) -> tuple[int, str, str]:
+    """Runs the bench, sends SIGINT (Ctrl-C) `after_load_starts` seconds after its first load began."""
+    cmd = [sys.executable, "-m", "embedserve.cli", "bench", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = []
+    for line in proc.stderr:  # each load announces itself on stderr ("-- URL: N clients x M inputs")
+        err.append(line)
+        if line.startswith("-- "):
+            break
+    time.sleep(after_load_starts)
+    proc.send_signal(signal.SIGINT)
+    out, rest = proc.communicate(timeout=60)
+    return proc.returncode, out, "".join(err) + rest
+
+
+def test_ctrl_c_reports_the_load_it_cut_short_and_runs_no_more(server, tmp_path):
+    out = tmp_path / "r.json"
+    args = ["--url", server.url, "--loads", "2x1,3x2", "--warmup", "0.5", "--duration", "60", "--no-progress"]
+    rc, stdout, stderr = interrupt_once_measuring([*args, "--json", str(out)], after_load_starts=3)
+    assert rc == 130, stderr
+    rows = [line for line in stdout.splitlines() if line.startswith("| 2 x 1") or line.startswith("| 3 x 2")]
+    assert len(rows) == 1 and rows[0].startswith("| 2 x 1 (cut short) |"), stdout
+    assert "cut short by Ctrl-C" in stderr and "3 clients" not in stderr and "Traceback" not in stderr
+    (r,) = json.loads(out.read_text())["embedserve"]
+    assert r["interrupted"] and r["requests"] > 0 and r["errors"] == {}
+    assert 1 < r["seconds"] < 10  # the part measured before Ctrl-C, not the 60 s asked for
+    assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+
+
+def test_ctrl_c_in_the_warm_up_says_nothing_was_measured(server):
+    args = ["--url", server.url, "--warmup", "30", "--duration", "30", "--no-progress"]
+    rc, stdout, stderr = interrupt_once_measuring(args, after_load_starts=1)
+    assert rc == 130, stderr
+    assert "interrupted in the warm-up: nothing measured" in stderr and "Traceback" not in stderr
+    assert "|" not in stdout
 
 
 def test_bad_load_spec_is_a_usage_error(server):

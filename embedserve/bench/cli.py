@@ -12,6 +12,9 @@ tokenizer, never taken from the server's `usage`. A corpus file holds one text p
 lines with a "text" field; without one, a seeded mixed RAG corpus is generated (half 5-20-token
 queries, half 50-250-token passages).
 
+Ctrl-C stops the run: the load under way is reported over the part of its window measured so far,
+marked "cut short" (none when stopped in its warm-up), no further load runs, and the exit status is 130.
+
 `--vs-vllm PYTHON` starts vLLM's CPU server from that interpreter's venv (see embedserve.bench.vllm
 for the recipe), runs every load against it, stops it, then runs the same loads against the server
 at --url, never both at once, and prints the ratio of each. Start embedserve with
@@ -70,6 +73,8 @@ def server_facts(url: str, api_key: str | None, timeout: float = 10.0) -> dict:
 def run_loads(
     url: str, model: str, loads: list[tuple[int, int]], a: argparse.Namespace, texts, tokens, extra=()
 ) -> list[Summary]:
+    """Each load in turn; after one cut short by Ctrl-C (its summary marked so, kept when it had
+    measured anything), no further load runs."""
     key = None if extra else a.api_key  # NOTE: vLLM's side (the one with extra fields) runs keyless
     results = []
     for clients, inputs in loads:
@@ -83,10 +88,24 @@ def run_loads(
             api_key=key,
         )
         print(f"\n-- {url}: {clients} clients x {inputs} inputs", file=sys.stderr)
-        summary = asyncio.run(run_load(cfg, texts, tokens, progress=not a.no_progress))
-        print(format_summary(summary), file=sys.stderr)
+        summary = asyncio.run(run_load(cfg, texts, tokens, progress=not a.no_progress, report_ctrl_c=True))
         results.append(summary)
+        if not summary.seconds:
+            print("embedserve bench: interrupted in the warm-up: nothing measured", file=sys.stderr)
+            break
+        print(format_summary(summary), file=sys.stderr)
+        if summary.interrupted:
+            break
     return results
+
+
+def measured(results: list[Summary]) -> list[Summary]:
+    """The loads with a measured window (one interrupted in its warm-up has none)."""
+    return [s for s in results if s.seconds]
+
+
+def interrupted(results: list[Summary]) -> bool:
+    return any(s.interrupted for s in results)
 
 
 def format_table(rows: list[Summary], baseline: list[Summary] | None = None) -> str:
@@ -97,7 +116,7 @@ def format_table(rows: list[Summary], baseline: list[Summary] | None = None) -> 
         rule = "|---|---:|---:|---:|---:|---:|"
     lines = [head, rule]
     for i, s in enumerate(rows):
-        load = f"{s.concurrency} x {s.inputs_per_request}"
+        load = f"{s.concurrency} x {s.inputs_per_request}" + (" (cut short)" if s.interrupted else "")
         lat = f"{_ms(s.latency_ms['p50'])} / {_ms(s.latency_ms['p99'])}"
         if baseline is None:
             errors = sum(s.errors.values())
@@ -148,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(argv)
     except KeyboardInterrupt:
-        # NOTE: a stopped run has no honest summary (its window was cut short); say so, no traceback.
-        print("\nembedserve bench: interrupted; no summary for a cut-short run", file=sys.stderr)
+        # NOTE: Ctrl-C during a load is taken by run_load, which reports what it had measured; this one
+        # came while starting (the corpus, vLLM) or between two loads: nothing more to report.
+        print("\nembedserve bench: interrupted", file=sys.stderr)
         return 130
 
 
@@ -201,16 +221,29 @@ def _run(argv: list[str] | None) -> int:
                 raise
             print(f"embedserve bench: vLLM did not start (its log: {log}): {exc}", file=sys.stderr)
             return 2
+        if interrupted(baseline):  # stopped on vLLM's side: report it alone, run nothing more
+            if measured(baseline):
+                print("\nvLLM (embedserve not measured: interrupted)")
+                print(format_table(measured(baseline)))
+            write_json(a.json_path, {"vllm": measured(baseline)})
+            return 130
     ours = run_loads(url, model, loads, a, texts, tokens)
-    print()
-    print(format_table(ours, baseline))
-    if a.json_path:
-        out = {"embedserve": [dataclasses.asdict(s) for s in ours]}
-        if baseline is not None:
-            out["vllm"] = [dataclasses.asdict(s) for s in baseline]
-        Path(a.json_path).write_text(json.dumps(out, indent=2))
+    if measured(ours):
+        print()
+        print(format_table(measured(ours), baseline))
+    write_json(a.json_path, {"embedserve": measured(ours), "vllm": baseline})
+    if interrupted(ours):
+        return 130
     failed = sum(sum(s.errors.values()) for s in ours)
     return 1 if failed else 0
+
+
+def write_json(path: str | None, sides: dict[str, list[Summary] | None]) -> None:
+    if path:
+        out = {
+            side: [dataclasses.asdict(s) for s in rows] for side, rows in sides.items() if rows is not None
+        }
+        Path(path).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from collections import Counter
@@ -72,6 +73,7 @@ class Summary:
     tokens_per_s: float
     latency_ms: dict[str, float | None]  # p50 / p90 / p99 / mean of successful requests
     errors: dict[str, int] = field(default_factory=dict)  # HTTP status or exception name -> count
+    interrupted: bool = False  # cut short by Ctrl-C: the window is what had been measured by then
 
 
 class _Recorder:
@@ -161,22 +163,58 @@ async def _progress(rec: _Recorder, t0: float, total: float, enabled: bool) -> N
             await asyncio.sleep(0.5)
 
 
-async def run_load(cfg: LoadConfig, texts: list[str], tokens: list[int], progress: bool = True) -> Summary:
-    """Drives the server for `cfg.warmup + cfg.duration` seconds and summarises the measured part."""
+async def run_load(
+    cfg: LoadConfig, texts: list[str], tokens: list[int], progress: bool = True, report_ctrl_c: bool = False
+) -> Summary:
+    """Drives the server for `cfg.warmup + cfg.duration` seconds and summarises the measured part.
+    `report_ctrl_c`: Ctrl-C ends the load early and returns it marked `interrupted` (for a caller that
+    reports it and stops); otherwise it raises KeyboardInterrupt as usual."""
     t0 = time.perf_counter()
     rec = _Recorder(t0 + cfg.warmup, t0 + cfg.warmup + cfg.duration)
     batches = _batches(texts, tokens, cfg.inputs_per_request)
     ticker = asyncio.create_task(_progress(rec, t0, cfg.warmup + cfg.duration, progress))
+    clients = asyncio.gather(*(_client(cfg, batches, rec) for _ in range(cfg.concurrency)))
+    interrupted = asyncio.Event()
+    if report_ctrl_c:
+        _stop_on_ctrl_c(clients, interrupted)
     try:
-        await asyncio.gather(*(_client(cfg, batches, rec) for _ in range(cfg.concurrency)))
+        await clients
+    except asyncio.CancelledError:
+        if not interrupted.is_set():
+            raise
     finally:
         ticker.cancel()
-    # A run cut short by --max-requests has a shorter window than asked for.
-    window = max(min(time.perf_counter(), rec.end) - rec.start, 1e-9)
-    return _summarise(cfg, rec, window)
+        if report_ctrl_c:
+            _restore_ctrl_c()
+    # A run cut short by --max-requests or Ctrl-C has a shorter window than asked for; one stopped
+    # in its warm-up has none (seconds == 0).
+    window = min(time.perf_counter(), rec.end) - rec.start
+    if interrupted.is_set() and window <= 0:
+        return _summarise(cfg, _Recorder(rec.start, rec.start), 0.0, interrupted=True)
+    return _summarise(cfg, rec, max(window, 1e-9), interrupted=interrupted.is_set())
 
 
-def _summarise(cfg: LoadConfig, rec: _Recorder, window: float) -> Summary:
+def _stop_on_ctrl_c(clients: asyncio.Future, interrupted: asyncio.Event) -> None:
+    """Ctrl-C stops the clients instead of the program, so that what was measured can be reported."""
+
+    def stop() -> None:
+        interrupted.set()
+        clients.cancel()
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        pass
+
+
+def _restore_ctrl_c() -> None:
+    try:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+    except (NotImplementedError, RuntimeError, ValueError):
+        pass
+
+
+def _summarise(cfg: LoadConfig, rec: _Recorder, window: float, interrupted: bool = False) -> Summary:
     lat = np.asarray(rec.latencies) * 1e3
     pct = {f"p{q}": float(np.percentile(lat, q)) if lat.size else None for q in (50, 90, 99)}
     pct["mean"] = float(lat.mean()) if lat.size else None
@@ -190,11 +228,12 @@ def _summarise(cfg: LoadConfig, rec: _Recorder, window: float) -> Summary:
         requests=len(rec.latencies),
         inputs=rec.inputs,
         tokens=rec.tokens,
-        requests_per_s=len(rec.latencies) / window,
-        inputs_per_s=rec.inputs / window,
-        tokens_per_s=rec.tokens / window,
+        requests_per_s=len(rec.latencies) / window if window else 0.0,
+        inputs_per_s=rec.inputs / window if window else 0.0,
+        tokens_per_s=rec.tokens / window if window else 0.0,
         latency_ms=pct,
         errors=dict(sorted(rec.errors.items())),
+        interrupted=interrupted,
     )
 
 
@@ -207,7 +246,8 @@ def format_summary(s: Summary) -> str:
         [
             f"{s.url}  model={s.model}  concurrency={s.concurrency}  inputs/request={s.inputs_per_request}"
             f"  format={s.encoding_format}",
-            f"window      {s.seconds:.1f} s   {s.requests} requests, {s.inputs} inputs, {s.tokens} tokens",
+            f"window      {s.seconds:.1f} s   {s.requests} requests, {s.inputs} inputs, {s.tokens} tokens"
+            + ("   (cut short by Ctrl-C)" if s.interrupted else ""),
             f"throughput  {s.tokens_per_s:,.0f} tokens/s   {s.inputs_per_s:,.1f} inputs/s   "
             f"{s.requests_per_s:,.1f} requests/s",
             f"latency ms  p50 {ms(lat['p50'])}   p90 {ms(lat['p90'])}   p99 {ms(lat['p99'])}"
@@ -284,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     texts = load_texts(a.corpus, a.corpus_file, a.seed, tokenizer_path)
     tokens = count_tokens(load_tokenizer(tokenizer_path), texts)
     cfg = load_config(a, a.url.rstrip("/"), a.model or first_model(a.url, api_key=a.api_key))
-    summary = asyncio.run(run_load(cfg, texts, tokens, progress=not a.no_progress))
+    summary = asyncio.run(run_load(cfg, texts, tokens, progress=not a.no_progress, report_ctrl_c=True))
     print(json.dumps(dataclasses.asdict(summary), indent=2) if a.json else format_summary(summary))
 
 
