@@ -18,7 +18,7 @@ from embedserve.tokenizer_proc.long_text import (
     max_chars,
     word_end_before,
 )
-from embedserve.tokenizer_proc.process import truncate_ids
+from embedserve.tokenizer_proc.process import CHUNK_TEXTS, TokenizerWorker, truncate_ids
 from embedserve.tokenizer_proc.text_tokenizer import TextTokenizer
 
 WORDS = "the of and river bank's loan 2024 naïve café 東京 emoji🙂 don't x-ray (note) a,b ... e.g. ".split()
@@ -106,6 +106,27 @@ def test_only_texts_tokenized_in_part_are_reported_so(bundled_model_path):
     texts = ["short", "word " * 3000, "中" * 3000]  # the CJK one has no space: tokenized whole
     ids = ours.encode_batch(texts, stop_above=256, counted_in_part=in_part)
     assert in_part == {1} and len(ids[2]) == 3002
+
+
+def test_the_tokenizer_process_encodes_in_chunks_as_in_one_call(bundled_model_path):
+    """The tokenizer process encodes CHUNK_TEXTS at a time (a health probe can go between two calls):
+    the same ids as one call, and a text read in part is reported at its index in the whole list."""
+    worker = TokenizerWorker.__new__(TokenizerWorker)  # its encoding alone: no sockets, no ring
+    worker.tokenizer, worker.context_length, worker.truncate = (
+        TextTokenizer(str(bundled_model_path)),
+        256,
+        False,
+    )
+    between = []
+    worker._send_probes_waiting = lambda: between.append(1)
+    texts = [f"text number {i}" for i in range(2 * CHUNK_TEXTS + 5)]
+    texts[CHUNK_TEXTS + 3] = "word " * 3000
+    in_part: set[int] = set()
+    ids = worker._encode(texts, in_part)
+    whole: set[int] = set()
+    assert ids == worker.tokenizer.encode_batch(texts, stop_above=256, counted_in_part=whole)
+    assert in_part == whole == {CHUNK_TEXTS + 3}
+    assert len(between) == 2  # after the first and the second chunk
 
 
 def test_long_prefix_grows_until_the_limit_is_passed_or_the_text_ends():

@@ -179,6 +179,28 @@ def test_health_generate_answers_ahead_of_a_long_queue(small_queue):
     assert answered_in < 3
 
 
+def test_health_generate_is_not_held_up_by_a_tokenizer_backlog(plain):
+    """Requests of 2,000 texts each keep the tokenizer busy for seconds (each text then refused as
+    over the context length, so no forward follows); a check sent meanwhile answers before them."""
+    over_context = PASSAGE * 2  # ~490 tokens: encoded in full, then refused
+
+    def big(i: int) -> tuple[int, float]:
+        r = plain.post("/v1/embeddings", {"input": [f"backlog {i} {j} {over_context}" for j in range(2000)]})
+        return r.status_code, time.monotonic()
+
+    with ThreadPoolExecutor(4) as pool:
+        burst = [pool.submit(big, i) for i in range(4)]
+        time.sleep(0.5)
+        check, answered_in = timed_get(f"{plain.url}/health_generate")
+        checked_at = time.monotonic()
+        results = [f.result(timeout=120) for f in burst]
+    assert check.status_code == 200, check.text
+    assert {status for status, _ in results} == {400}
+    last_refused_at = max(at for _, at in results)
+    # NOTE: before, the probe was encoded after everything waiting with it: it came back after them
+    assert checked_at < last_refused_at - 0.5, (answered_in, last_refused_at - checked_at)
+
+
 def test_overload_answers_every_request_with_200_in_full_or_429(small_queue):
     def one(i: int) -> tuple[int, int, str | None]:
         inputs = [f"query {i} {j} " + PASSAGE[: 40 * (j + 1)] for j in range(8)]
