@@ -18,7 +18,7 @@ from embedserve.tokenizer_proc.long_text import (
     max_chars,
     word_end_before,
 )
-from embedserve.tokenizer_proc.process import CHUNK_TEXTS, TokenizerWorker, truncate_ids
+from embedserve.tokenizer_proc.process import CHUNK_CHARS, CHUNK_TEXTS, TokenizerWorker, chunks, truncate_ids
 from embedserve.tokenizer_proc.text_tokenizer import TextTokenizer
 
 WORDS = "the of and river bank's loan 2024 naïve café 東京 emoji🙂 don't x-ray (note) a,b ... e.g. ".split()
@@ -127,6 +127,16 @@ def test_the_tokenizer_process_encodes_in_chunks_as_in_one_call(bundled_model_pa
     assert ids == worker.tokenizer.encode_batch(texts, stop_above=256, counted_in_part=whole)
     assert in_part == whole == {CHUNK_TEXTS + 3}
     assert len(between) == 2  # after the first and the second chunk
+
+
+def test_encode_calls_are_bounded_by_texts_and_by_characters():
+    assert chunks(["a"] * (2 * CHUNK_TEXTS + 1)) == [
+        (0, CHUNK_TEXTS), (CHUNK_TEXTS, 2 * CHUNK_TEXTS), (2 * CHUNK_TEXTS, 2 * CHUNK_TEXTS + 1)
+    ]  # fmt: skip
+    spaceless = ["a" * 60_000] * 10  # one of these is encoded whole: ~14 ms each here
+    assert chunks(spaceless) == [(0, 4), (4, 8), (8, 10)]
+    assert chunks(["a" * (CHUNK_CHARS + 1), "b"]) == [(0, 1), (1, 2)]  # one text over the bound: alone
+    assert chunks([]) == []
 
 
 def test_long_prefix_grows_until_the_limit_is_passed_or_the_text_ends():
