@@ -84,8 +84,11 @@ def test_ctrl_c_reports_the_load_it_cut_short_and_runs_no_more(server, tmp_path)
     rows = [line for line in stdout.splitlines() if line.startswith("| 2 x 1") or line.startswith("| 3 x 2")]
     assert len(rows) == 1 and rows[0].startswith("| 2 x 1 (cut short) |"), stdout
     assert "cut short by Ctrl-C" in stderr and "3 clients" not in stderr and "Traceback" not in stderr
-    (r,) = json.loads(out.read_text())["embedserve"]
-    assert r["interrupted"] and r["requests"] > 0 and r["errors"] == {}
+    saved = json.loads(out.read_text())
+    assert saved["interrupted"] is True
+    (r,) = saved["embedserve"]
+    assert r["interrupted"] and r["cut_short"] and r["requests"] > 0 and r["errors"] == {}
+    assert "interrupted by Ctrl-C: 0 of 2 loads measured in full" in stdout
     assert 1 < r["seconds"] < 10  # the part measured before Ctrl-C, not the 60 s asked for
     assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
 
@@ -124,6 +127,53 @@ def test_vs_vllm_that_cannot_start_says_why_without_a_traceback(server, tmp_path
     assert done.returncode == 2, done.stderr
     assert "vLLM did not start" in done.stderr and "No module named 'vllm'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_vs_vllm_that_lists_no_model_says_so_without_a_traceback(server, tmp_path):
+    # a stand-in "vLLM" that is healthy but answers GET /v1/models with a 500
+    broken = tmp_path / "python"
+    broken.write_text(
+        "#!" + sys.executable + "\n"
+        "import sys, http.server\n"
+        "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200 if self.path == '/health' else 500)\n"
+        "        self.end_headers()\n"
+        "http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n"
+    )
+    broken.chmod(0o755)
+    done = bench(
+        "--url", server.url, "--vs-vllm", str(broken), "--duration", "1", "--vllm-ready-timeout", "60"
+    )
+    assert done.returncode == 2, done.stderr
+    assert "vLLM started but lists no model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_second_ctrl_c_leaves_no_vllm_behind(server, tmp_path):
+    """vLLM runs in its own session (the terminal's Ctrl-C never reaches it): one that ignores SIGTERM
+    is killed at a second Ctrl-C instead of waiting out the 30 s grace, and nothing is left."""
+    stubborn = tmp_path / "python"
+    stubborn.write_text(
+        "#!"
+        + sys.executable
+        + "\nimport signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(600)\n"
+    )
+    stubborn.chmod(0o755)
+    cmd = [sys.executable, "-m", "embedserve.cli", "bench", "--url", server.url, "--vs-vllm", str(stubborn)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # "starting vLLM (...)": it is now waiting for the stand-in to be ready
+        if line.startswith("starting vLLM"):
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(3)  # the stand-in ignores the SIGTERM that follows; bench says it waits
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert "Ctrl-C kills it" in err
+    left = subprocess.run(["pgrep", "-f", str(stubborn)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"stand-in vLLM left running: {left}"
 
 
 def test_help_documents_the_vllm_side_by_side():

@@ -13,7 +13,8 @@ lines with a "text" field; without one, a seeded mixed RAG corpus is generated (
 queries, half 50-250-token passages).
 
 Ctrl-C stops the run: the load under way is reported over the part of its window measured so far,
-marked "cut short" (none when stopped in its warm-up), no further load runs, and the exit status is 130.
+marked "cut short" (none when stopped in its warm-up), no further load runs, `--json` holds
+`"interrupted": true`, and the exit status is 130. Failed requests of either side make it 1.
 
 `--vs-vllm PYTHON` starts vLLM's CPU server from that interpreter's venv (see embedserve.bench.vllm
 for the recipe), runs every load against it, stops it, then runs the same loads against the server
@@ -116,7 +117,7 @@ def format_table(rows: list[Summary], baseline: list[Summary] | None = None) -> 
         rule = "|---|---:|---:|---:|---:|---:|"
     lines = [head, rule]
     for i, s in enumerate(rows):
-        load = f"{s.concurrency} x {s.inputs_per_request}" + (" (cut short)" if s.interrupted else "")
+        load = f"{s.concurrency} x {s.inputs_per_request}" + (" (cut short)" if s.cut_short else "")
         lat = f"{_ms(s.latency_ms['p50'])} / {_ms(s.latency_ms['p99'])}"
         if baseline is None:
             errors = sum(s.errors.values())
@@ -213,9 +214,15 @@ def _run(argv: list[str] | None) -> int:
         try:
             with running_server(cmd, port, log, a.vllm_ready_timeout, env=env) as vllm_url:
                 started = True
-                baseline = run_loads(
-                    vllm_url, first_model(vllm_url), loads, a, texts, tokens, VLLM_EXTRA_BODY
-                )
+                try:
+                    vllm_model = first_model(vllm_url)
+                except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+                    print(
+                        f"embedserve bench: vLLM started but lists no model (its log: {log}): {exc}",
+                        file=sys.stderr,
+                    )
+                    return 2
+                baseline = run_loads(vllm_url, vllm_model, loads, a, texts, tokens, VLLM_EXTRA_BODY)
         except (RuntimeError, TimeoutError) as exc:
             if started:
                 raise
@@ -225,24 +232,36 @@ def _run(argv: list[str] | None) -> int:
             if measured(baseline):
                 print("\nvLLM (embedserve not measured: interrupted)")
                 print(format_table(measured(baseline)))
-            write_json(a.json_path, {"vllm": measured(baseline)})
+            print(interruption_note(baseline, len(loads)))
+            write_json(a.json_path, {"vllm": measured(baseline)}, interrupted=True)
             return 130
     ours = run_loads(url, model, loads, a, texts, tokens)
     if measured(ours):
         print()
         print(format_table(measured(ours), baseline))
-    write_json(a.json_path, {"embedserve": measured(ours), "vllm": baseline})
+    for side, rows in (("vLLM", baseline), ("embedserve", ours)):
+        for s in rows or ():
+            if s.errors:
+                print(f"{side}, {s.concurrency} x {s.inputs_per_request}: failed requests {s.errors}")
+    write_json(a.json_path, {"embedserve": measured(ours), "vllm": baseline}, interrupted=interrupted(ours))
     if interrupted(ours):
+        print(interruption_note(ours, len(loads)))
         return 130
-    failed = sum(sum(s.errors.values()) for s in ours)
+    failed = sum(sum(s.errors.values()) for s in [*ours, *(baseline or [])])
     return 1 if failed else 0
 
 
-def write_json(path: str | None, sides: dict[str, list[Summary] | None]) -> None:
+def interruption_note(results: list[Summary], asked: int) -> str:
+    done = sum(1 for s in results if s.seconds and not s.cut_short)
+    return f"interrupted by Ctrl-C: {done} of {asked} loads measured in full"
+
+
+def write_json(path: str | None, sides: dict[str, list[Summary] | None], interrupted: bool) -> None:
     if path:
-        out = {
+        out: dict[str, object] = {
             side: [dataclasses.asdict(s) for s in rows] for side, rows in sides.items() if rows is not None
         }
+        out["interrupted"] = interrupted
         Path(path).write_text(json.dumps(out, indent=2))
 
 

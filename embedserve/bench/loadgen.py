@@ -73,7 +73,8 @@ class Summary:
     tokens_per_s: float
     latency_ms: dict[str, float | None]  # p50 / p90 / p99 / mean of successful requests
     errors: dict[str, int] = field(default_factory=dict)  # HTTP status or exception name -> count
-    interrupted: bool = False  # cut short by Ctrl-C: the window is what had been measured by then
+    interrupted: bool = False  # Ctrl-C came during this load: no further load should run
+    cut_short: bool = False  # ... before its window ended: the window is what had been measured by then
 
 
 class _Recorder:
@@ -141,6 +142,16 @@ async def _client(cfg: LoadConfig, batches: Iterator[tuple[list[str], int]], rec
             began = time.perf_counter()
             outcome = await _post(http, cfg, batch[0])
             rec.record(began, time.perf_counter(), batch, outcome)
+            if not _answered(outcome):  # NOTE: refused or reset: a server that is down is not hammered
+                await asyncio.sleep(NO_ANSWER_PAUSE_S)
+
+
+NO_ANSWER_PAUSE_S = 0.1
+
+
+def _answered(outcome: str) -> bool:
+    """The server answered: "ok", "bad_response" or an HTTP status (not a connection error)."""
+    return outcome in ("ok", "bad_response") or outcome.isdigit()
 
 
 _BAR = "{l_bar}{bar}| {n:.0f}/{total:.0f} s  {postfix}"
@@ -174,31 +185,35 @@ async def run_load(
     batches = _batches(texts, tokens, cfg.inputs_per_request)
     ticker = asyncio.create_task(_progress(rec, t0, cfg.warmup + cfg.duration, progress))
     clients = asyncio.gather(*(_client(cfg, batches, rec) for _ in range(cfg.concurrency)))
-    interrupted = asyncio.Event()
+    stopped_at: list[float] = []  # when Ctrl-C came, if it did
     if report_ctrl_c:
-        _stop_on_ctrl_c(clients, interrupted)
+        _stop_on_ctrl_c(clients, stopped_at)
     try:
         await clients
     except asyncio.CancelledError:
-        if not interrupted.is_set():
+        if not stopped_at:
             raise
     finally:
         ticker.cancel()
         if report_ctrl_c:
             _restore_ctrl_c()
     # A run cut short by --max-requests or Ctrl-C has a shorter window than asked for; one stopped
-    # in its warm-up has none (seconds == 0).
-    window = min(time.perf_counter(), rec.end) - rec.start
-    if interrupted.is_set() and window <= 0:
-        return _summarise(cfg, _Recorder(rec.start, rec.start), 0.0, interrupted=True)
-    return _summarise(cfg, rec, max(window, 1e-9), interrupted=interrupted.is_set())
+    # in its warm-up has none (seconds == 0). Ctrl-C after the window, while the last answers were
+    # awaited, leaves the window whole.
+    ended = min(stopped_at[0] if stopped_at else time.perf_counter(), rec.end)
+    window = ended - rec.start
+    if stopped_at and window <= 0:
+        return _summarise(cfg, _Recorder(rec.start, rec.start), 0.0, interrupted=True, cut_short=True)
+    cut_short = bool(stopped_at) and stopped_at[0] < rec.end
+    return _summarise(cfg, rec, max(window, 1e-9), interrupted=bool(stopped_at), cut_short=cut_short)
 
 
-def _stop_on_ctrl_c(clients: asyncio.Future, interrupted: asyncio.Event) -> None:
+def _stop_on_ctrl_c(clients: asyncio.Future, stopped_at: list[float]) -> None:
     """Ctrl-C stops the clients instead of the program, so that what was measured can be reported."""
 
     def stop() -> None:
-        interrupted.set()
+        if not stopped_at:
+            stopped_at.append(time.perf_counter())
         clients.cancel()
 
     try:
@@ -214,7 +229,9 @@ def _restore_ctrl_c() -> None:
         pass
 
 
-def _summarise(cfg: LoadConfig, rec: _Recorder, window: float, interrupted: bool = False) -> Summary:
+def _summarise(
+    cfg: LoadConfig, rec: _Recorder, window: float, interrupted: bool = False, cut_short: bool = False
+) -> Summary:
     lat = np.asarray(rec.latencies) * 1e3
     pct = {f"p{q}": float(np.percentile(lat, q)) if lat.size else None for q in (50, 90, 99)}
     pct["mean"] = float(lat.mean()) if lat.size else None
@@ -234,6 +251,7 @@ def _summarise(cfg: LoadConfig, rec: _Recorder, window: float, interrupted: bool
         latency_ms=pct,
         errors=dict(sorted(rec.errors.items())),
         interrupted=interrupted,
+        cut_short=cut_short,
     )
 
 
@@ -247,7 +265,7 @@ def format_summary(s: Summary) -> str:
             f"{s.url}  model={s.model}  concurrency={s.concurrency}  inputs/request={s.inputs_per_request}"
             f"  format={s.encoding_format}",
             f"window      {s.seconds:.1f} s   {s.requests} requests, {s.inputs} inputs, {s.tokens} tokens"
-            + ("   (cut short by Ctrl-C)" if s.interrupted else ""),
+            + ("   (cut short by Ctrl-C)" if s.cut_short else ""),
             f"throughput  {s.tokens_per_s:,.0f} tokens/s   {s.inputs_per_s:,.1f} inputs/s   "
             f"{s.requests_per_s:,.1f} requests/s",
             f"latency ms  p50 {ms(lat['p50'])}   p90 {ms(lat['p90'])}   p99 {ms(lat['p99'])}"

@@ -81,18 +81,39 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: flo
 
 
 def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM and wait; SIGKILL the server's own process group only if it will not go."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            print(f"server ignored SIGTERM for {grace:.0f} s; killing its process group", file=sys.stderr)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if proc.returncode != 0:
-        print(f"server exited with {proc.returncode}", file=sys.stderr)
-    _reap_group(proc.pid)
+    """SIGTERM and wait; SIGKILL the server's own process group only if it will not go. A Ctrl-C
+    while waiting kills the group at once (it is in its own session: the terminal's Ctrl-C never
+    reaches it) and goes on as a KeyboardInterrupt."""
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(min(grace, 2.0))
+            except subprocess.TimeoutExpired:
+                print(f"waiting for the server (pid {proc.pid}) to stop; Ctrl-C kills it", file=sys.stderr)
+                try:
+                    proc.wait(max(grace - 2.0, 0.0))
+                except subprocess.TimeoutExpired:
+                    print(
+                        f"server ignored SIGTERM for {grace:.0f} s; killing its process group",
+                        file=sys.stderr,
+                    )
+                    _kill_group(proc.pid)
+                    proc.wait()
+        if proc.returncode != 0:
+            print(f"server exited with {proc.returncode}", file=sys.stderr)
+        _reap_group(proc.pid)
+    except KeyboardInterrupt:
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _reap_group(pgid: int, grace: float = 10.0) -> None:
@@ -110,7 +131,7 @@ def _reap_group(pgid: int, grace: float = 10.0) -> None:
             return
         time.sleep(0.25)
     print(f"server's processes outlived it by {grace:.0f} s; killing its process group", file=sys.stderr)
-    os.killpg(pgid, signal.SIGKILL)
+    _kill_group(pgid)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
