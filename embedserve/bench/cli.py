@@ -174,6 +174,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class Stop(Exception):
+    """Ends the run early with an exit status; what to say has been said."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+# What `first_model` raises for a server that is not there or lists no model.
+NO_MODEL_ERRORS = (httpx.HTTPError, KeyError, IndexError, ValueError)
+
+
 def _run(argv: list[str] | None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -185,7 +197,7 @@ def _run(argv: list[str] | None) -> int:
     url = a.url.rstrip("/")
     try:
         model = a.model or first_model(url, api_key=a.api_key)
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+    except NO_MODEL_ERRORS as exc:
         print(f"embedserve bench: no embeddings server answers at {url} ({exc})", file=sys.stderr)
         return 2
     facts = server_facts(url, a.api_key)
@@ -200,34 +212,10 @@ def _run(argv: list[str] | None) -> int:
 
     baseline = None
     if a.vs_vllm:
-        vllm_model = a.vllm_model_path or facts.get("model_path")
-        if not vllm_model or not Path(vllm_model).is_dir():
-            p.error("--vs-vllm needs the model folder: --vllm-model-path DIR")
-        if not os.access(a.vs_vllm, os.X_OK):
-            p.error(f"--vs-vllm {a.vs_vllm}: not an executable Python (give the vLLM venv's bin/python)")
-        port = free_port()
-        log = Path(tempfile.gettempdir()) / f"embedserve-bench-vllm-{port}.log"
-        print(f"starting vLLM ({a.vs_vllm}); its log: {log}", file=sys.stderr)
-        env = {**os.environ, **vllm_env()}
-        cmd = vllm_command(a.vs_vllm, port, vllm_model, a.vllm_dtype)
-        started = False
         try:
-            with running_server(cmd, port, log, a.vllm_ready_timeout, env=env) as vllm_url:
-                started = True
-                try:
-                    vllm_model = first_model(vllm_url)
-                except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
-                    print(
-                        f"embedserve bench: vLLM started but lists no model (its log: {log}): {exc}",
-                        file=sys.stderr,
-                    )
-                    return 2
-                baseline = run_loads(vllm_url, vllm_model, loads, a, texts, tokens, VLLM_EXTRA_BODY)
-        except (RuntimeError, TimeoutError) as exc:
-            if started:
-                raise
-            print(f"embedserve bench: vLLM did not start (its log: {log}): {exc}", file=sys.stderr)
-            return 2
+            baseline = measure_vllm(p, a, facts, loads, texts, tokens)
+        except Stop as stop:
+            return stop.status
         if interrupted(baseline):  # stopped on vLLM's side: report it alone, run nothing more
             if measured(baseline):
                 print("\nvLLM (embedserve not measured: interrupted)")
@@ -236,6 +224,51 @@ def _run(argv: list[str] | None) -> int:
             write_json(a.json_path, {"vllm": measured(baseline)}, interrupted=True)
             return 130
     ours = run_loads(url, model, loads, a, texts, tokens)
+    return report(a, len(loads), ours, baseline)
+
+
+def measure_vllm(
+    p: argparse.ArgumentParser,
+    a: argparse.Namespace,
+    facts: dict,
+    loads: list[tuple[int, int]],
+    texts,
+    tokens,
+) -> list[Summary]:
+    """vLLM's side of --vs-vllm: started from its venv, every load run against it, stopped."""
+    vllm_model = a.vllm_model_path or facts.get("model_path")
+    if not vllm_model or not Path(vllm_model).is_dir():
+        p.error("--vs-vllm needs the model folder: --vllm-model-path DIR")
+    if not os.access(a.vs_vllm, os.X_OK):
+        p.error(f"--vs-vllm {a.vs_vllm}: not an executable Python (give the vLLM venv's bin/python)")
+    port = free_port()
+    log = Path(tempfile.gettempdir()) / f"embedserve-bench-vllm-{port}.log"
+    print(f"starting vLLM ({a.vs_vllm}); its log: {log}", file=sys.stderr)
+    env = {**os.environ, **vllm_env()}
+    cmd = vllm_command(a.vs_vllm, port, vllm_model, a.vllm_dtype)
+    started = False
+    try:
+        with running_server(cmd, port, log, a.vllm_ready_timeout, env=env) as vllm_url:
+            started = True
+            try:
+                served = first_model(vllm_url)
+            except NO_MODEL_ERRORS as exc:
+                print(
+                    f"embedserve bench: vLLM started but lists no model (its log: {log}): {exc}",
+                    file=sys.stderr,
+                )
+                raise Stop(2) from exc
+            return run_loads(vllm_url, served, loads, a, texts, tokens, VLLM_EXTRA_BODY)
+    except (RuntimeError, TimeoutError) as exc:
+        if started:
+            raise
+        print(f"embedserve bench: vLLM did not start (its log: {log}): {exc}", file=sys.stderr)
+        raise Stop(2) from exc
+
+
+def report(a: argparse.Namespace, asked: int, ours: list[Summary], baseline: list[Summary] | None) -> int:
+    """The table, any failed requests and --json; the exit status: 130 interrupted, 1 any request
+    failed on either side, else 0."""
     if measured(ours):
         print()
         print(format_table(measured(ours), baseline))
@@ -245,7 +278,7 @@ def _run(argv: list[str] | None) -> int:
                 print(f"{side}, {s.concurrency} x {s.inputs_per_request}: failed requests {s.errors}")
     write_json(a.json_path, {"embedserve": measured(ours), "vllm": baseline}, interrupted=interrupted(ours))
     if interrupted(ours):
-        print(interruption_note(ours, len(loads)))
+        print(interruption_note(ours, asked))
         return 130
     failed = sum(sum(s.errors.values()) for s in [*ours, *(baseline or [])])
     return 1 if failed else 0

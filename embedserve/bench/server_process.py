@@ -86,20 +86,7 @@ def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
     reaches it) and goes on as a KeyboardInterrupt."""
     try:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(min(grace, 2.0))
-            except subprocess.TimeoutExpired:
-                print(f"waiting for the server (pid {proc.pid}) to stop; Ctrl-C kills it", file=sys.stderr)
-                try:
-                    proc.wait(max(grace - 2.0, 0.0))
-                except subprocess.TimeoutExpired:
-                    print(
-                        f"server ignored SIGTERM for {grace:.0f} s; killing its process group",
-                        file=sys.stderr,
-                    )
-                    _kill_group(proc.pid)
-                    proc.wait()
+            _terminate(proc, grace)
         if proc.returncode != 0:
             print(f"server exited with {proc.returncode}", file=sys.stderr)
         _reap_group(proc.pid)
@@ -107,6 +94,27 @@ def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
         _kill_group(proc.pid)
         proc.wait()
         raise
+
+
+def _terminate(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM; after 2 s say that we wait, after `grace` SIGKILL the process group."""
+    proc.send_signal(signal.SIGTERM)
+    if _exits_within(proc, min(grace, 2.0)):
+        return
+    print(f"waiting for the server (pid {proc.pid}) to stop; Ctrl-C kills it", file=sys.stderr)
+    if _exits_within(proc, max(grace - 2.0, 0.0)):
+        return
+    print(f"server ignored SIGTERM for {grace:.0f} s; killing its process group", file=sys.stderr)
+    _kill_group(proc.pid)
+    proc.wait()
+
+
+def _exits_within(proc: subprocess.Popen, seconds: float) -> bool:
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _kill_group(pgid: int) -> None:

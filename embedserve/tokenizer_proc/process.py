@@ -74,17 +74,15 @@ class TokenizerWorker:
             self.handle([*waiting, *self.inbox.drain()])
 
     def handle(self, msgs: list[TokenizerInput]) -> None:
-        probes = [m for m in msgs if _is_probe(m)]
+        probes, rest = _split_probes(msgs)
         if probes:  # NOTE: the scheduler runs a probe ahead of its queue; so does the tokenizer
             self._handle(probes)
-            msgs = [m for m in msgs if not _is_probe(m)]
-        self._handle(msgs)
+        self._handle(rest)
 
     def _send_probes_waiting(self) -> None:
         """Between two encode calls: probes that have come in go now, the rest waits its turn."""
-        arrived = self.inbox.drain()
-        self.backlog += [m for m in arrived if not _is_probe(m)]
-        probes = [m for m in arrived if _is_probe(m)]
+        probes, rest = _split_probes(self.inbox.drain())
+        self.backlog += rest
         if probes:
             self._handle(probes)
 
@@ -220,8 +218,13 @@ def chunks(texts: list[str]) -> list[tuple[int, int]]:
     return bounds
 
 
-def _is_probe(msg: TokenizerInput) -> bool:
-    return isinstance(msg, EmbedRequest) and msg.meta.probe
+def _split_probes(msgs: list[TokenizerInput]) -> tuple[list[TokenizerInput], list[TokenizerInput]]:
+    """Health probes, and everything else in its order."""
+    probes: list[TokenizerInput] = []
+    rest: list[TokenizerInput] = []
+    for msg in msgs:
+        (probes if isinstance(msg, EmbedRequest) and msg.meta.probe else rest).append(msg)
+    return probes, rest
 
 
 def _input_field(request: EmbedRequest) -> str:
