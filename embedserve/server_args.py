@@ -105,7 +105,8 @@ class ServerArgs:
     host: str = _opt("127.0.0.1", "Address to bind. Use 0.0.0.0 to serve other machines.")
     port: int = _opt(30000, "HTTP port.")
     api_key: str | None = _opt(
-        None, "Require 'Authorization: Bearer KEY' on every endpoint but /health and /metrics."
+        None,
+        "Require 'Authorization: Bearer KEY' on every endpoint but /health, /health_generate and /metrics.",
     )
 
     # Scheduling budgets
@@ -299,6 +300,9 @@ class ServerArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be more than 0, not {value}")
         if not self.health_check_timeout <= 3600:  # NOTE: a check that never answers is no check
             raise ValueError(f"--health-check-timeout must be at most 3600, not {self.health_check_timeout}")
+        if self.api_key is not None and not self.api_key.strip():
+            # NOTE: `--api-key "$KEY"` with KEY unset would otherwise start a server open to anyone
+            raise ValueError("--api-key is empty: give a key, or leave the flag out to run without one")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
         if self.mem_fraction_static > 1:
@@ -307,7 +311,14 @@ class ServerArgs:
             )
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting, the API key masked: what the start-up log and /get_server_info show."""
+        shown = dataclasses.asdict(self)
+        if shown["api_key"]:
+            shown["api_key"] = "***"  # NOTE: logs get shipped and read widely; the key is a secret
+        return shown
+
+    def __repr__(self) -> str:
+        return f"ServerArgs({', '.join(f'{name}={value!r}' for name, value in self.as_dict().items())})"
 
 
 def _cli_type(annotation: Any) -> type:

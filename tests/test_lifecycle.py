@@ -71,6 +71,15 @@ def test_api_key_guards_everything_but_health():
             ]
             == "***"
         )
+        key = {"Authorization": "Bearer s3cret"}
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert requests.get(f"{server.url}{path}").status_code == 401, path
+            assert requests.get(f"{server.url}{path}", headers=key).status_code == 200, path
+        assert "/v1/embeddings" in requests.get(f"{server.url}/openapi.json", headers=key).json()["paths"]
+        assert requests.head(f"{server.url}/v1/models").status_code == 401
+        assert requests.head(f"{server.url}/v1/models", headers=key).status_code == 200
+        assert requests.get(f"{server.url}/metrics").status_code == 200
+        assert "s3cret" not in server.log() and "api_key='***'" in server.log()
 
 
 def test_port_in_use_fails_fast_with_a_clear_message():

@@ -230,6 +230,28 @@ def test_bad_input_gets_openai_error(server, payload, status, param):
     assert requests.get(f"{server.url}/health").status_code == 200
 
 
+def test_head_answers_wherever_get_does_without_a_body(server):
+    for path in (
+        "/v1/models",
+        f"/v1/models/{MODEL}",
+        "/get_model_info",
+        "/get_server_info",
+        "/metrics",
+        "/health",
+    ):
+        got = requests.head(f"{server.url}{path}")
+        assert got.status_code == 200 and got.content == b"", path
+
+
+def test_token_ids_nested_past_what_the_error_can_quote_get_a_400(server):
+    deep = "[" * 300 + "1" + "]" * 300
+    for body in (f'{{"input": {deep}}}', f'{{"input": [101, {deep}]}}', f'{{"input": [{{"a": {deep}}}]}}'):
+        response = requests.post(f"{server.url}/v1/embeddings", data=body, timeout=30)
+        assert response.status_code == 400, response.text[:300]
+        assert response.json()["error"]["param"] == "input"
+    assert server.post("/encode", {"input_ids": json.loads(deep)}).status_code == 400
+
+
 def test_too_long_names_the_limit_and_index(server):
     error = server.post("/v1/embeddings", {"input": ["short", "word " * 300]}).json()["error"]
     assert "256" in error["message"] and "Input 1" in error["message"] and error["param"] == "input"

@@ -87,3 +87,19 @@ def test_out_of_range_numbers_are_usage_errors(argv, capsys):
         main(argv)
     assert stop.value.code == 2
     assert f"{argv[0]} must be" in capsys.readouterr().err
+
+
+def test_an_empty_api_key_is_refused_rather_than_an_open_server(capsys):
+    from embedserve.launch import main
+
+    for key in ("", "  "):
+        with pytest.raises(SystemExit) as stop:
+            main(["--api-key", key])
+        assert stop.value.code == 2 and "--api-key is empty" in capsys.readouterr().err
+
+
+def test_the_api_key_is_masked_wherever_the_settings_are_shown():
+    args = ServerArgs(api_key="s3cret-key")
+    assert "s3cret" not in repr(args) and "api_key='***'" in repr(args)
+    assert args.as_dict()["api_key"] == "***" and args.api_key == "s3cret-key"
+    assert "api_key=None" in repr(ServerArgs())

@@ -78,3 +78,32 @@ def test_encode_fields_name_only_the_forms_they_take():
     with pytest.raises(ApiError) as text_only:
         v.parse_inputs(5, LIMITS, param="text", allow_ids=False)
     assert "token ids" not in text_only.value.message and "list of strings" in text_only.value.message
+
+
+def _nested(depth: int, leaf: object = 1) -> object:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+@pytest.mark.parametrize(
+    "value", [_nested(300), [1, _nested(300)], [[1], [1, _nested(300)]], [{"a": _nested(300)}]]
+)
+def test_a_value_nested_past_what_orjson_writes_is_a_400_not_a_crash(value):
+    with pytest.raises(ApiError) as caught:
+        v.parse_inputs(value, LIMITS)
+    assert caught.value.status == 400 and caught.value.param == "input"
+    assert "nested too deeply" in caught.value.message or "[[[[" in caught.value.message
+
+
+def test_error_messages_quote_at_most_the_start_of_a_bad_value():
+    huge = "x" * 1_000_000
+    for check in (
+        lambda: v.check_encoding_format({"encoding_format": huge}),
+        lambda: v.check_dimensions({"dimensions": [7] * 100_000}, LIMITS),
+        lambda: v.check_model({"model": huge}, LIMITS),
+        lambda: v.parse_inputs([1, huge], LIMITS),
+    ):
+        with pytest.raises(ApiError) as caught:
+            check()
+        assert len(caught.value.message) < 300 and "..." in caught.value.message

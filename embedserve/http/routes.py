@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import Response
 
 from embedserve.http import validation as v
@@ -60,11 +61,13 @@ def json_response(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
+# NOTE: HTTP lets a client HEAD any resource it may GET (probes and proxies do); uvicorn drops the body.
+READ_METHODS = ["GET", "HEAD"]
 public = APIRouter()
 metrics_router = APIRouter()
 
 
-@metrics_router.get("/metrics")
+@metrics_router.api_route("/metrics", methods=READ_METHODS)
 async def metrics(request: Request) -> Response:
     """Prometheus text format; open like /health, so scrapers need no API key."""
     return Response(state_of(request).metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
@@ -73,7 +76,7 @@ async def metrics(request: Request) -> Response:
 protected = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-@public.api_route("/health", methods=["GET", "HEAD"])  # NOTE: load balancers often probe with HEAD
+@public.api_route("/health", methods=READ_METHODS)  # NOTE: load balancers often probe with HEAD
 async def health(request: Request) -> Response:
     pipeline = state_of(request).pipeline
     if pipeline.ready and not pipeline.draining:
@@ -82,7 +85,7 @@ async def health(request: Request) -> Response:
     return ApiError(503, f"The server is {reason}.").response()
 
 
-@public.api_route("/health_generate", methods=["GET", "HEAD"])
+@public.api_route("/health_generate", methods=READ_METHODS)
 async def health_generate(request: Request) -> Response:
     """SGLang's deep check: 200 once a probe request has gone through every process, 503 when one
     is stuck (a process that hangs leaves /health at 200)."""
@@ -195,12 +198,12 @@ async def flush_cache(request: Request) -> Response:
     return Response("Cache flushed.\n", media_type="text/plain")
 
 
-@protected.get("/v1/models")
+@protected.api_route("/v1/models", methods=READ_METHODS)
 async def models(request: Request) -> Response:
     return json_response({"object": "list", "data": [_model_card(state_of(request))]})
 
 
-@protected.get("/v1/models/{model:path}")
+@protected.api_route("/v1/models/{model:path}", methods=READ_METHODS)
 async def model(request: Request, model: str) -> Response:
     """OpenAI's "retrieve model" (`client.models.retrieve`): the card, or 404 for another name."""
     state = state_of(request)
@@ -219,7 +222,7 @@ def _model_card(state: AppState) -> dict[str, object]:
     }
 
 
-@protected.get("/get_model_info")
+@protected.api_route("/get_model_info", methods=READ_METHODS)
 async def model_info(request: Request) -> Response:
     state = state_of(request)
     return json_response(
@@ -237,15 +240,30 @@ async def model_info(request: Request) -> Response:
     )
 
 
-@protected.get("/get_server_info")
+@protected.api_route("/get_server_info", methods=READ_METHODS)
 async def server_info(request: Request) -> Response:
     state = state_of(request)
-    info = state.args.as_dict()
-    if info.get("api_key"):
-        info["api_key"] = "***"  # never echo the secret
+    info = state.args.as_dict()  # NOTE: the API key masked
     info.update(
         max_prefill_tokens_in_use=state.args.prefill_token_budget,
         max_running_requests_in_use=state.args.running_request_budget,
         context_length_in_use=state.model.context_length,
     )
     return json_response(info)
+
+
+# The API's description and its two viewers, behind the key like every other endpoint: FastAPI's own
+# routes for them take no dependency, so the app is built without them (server.build_app).
+@protected.get("/openapi.json", include_in_schema=False)
+async def openapi_schema(request: Request) -> Response:
+    return json_response(request.app.openapi())
+
+
+@protected.get("/docs", include_in_schema=False)
+async def swagger_ui(request: Request) -> Response:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} - Swagger UI")
+
+
+@protected.get("/redoc", include_in_schema=False)
+async def redoc(request: Request) -> Response:
+    return get_redoc_html(openapi_url="/openapi.json", title=f"{request.app.title} - ReDoc")

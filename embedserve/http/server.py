@@ -51,6 +51,9 @@ def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | Non
         title="embedserve",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # NOTE: served by routes.py, behind the API key
+        redoc_url=None,
+        openapi_url=None,
         description="OpenAI-compatible embeddings (/v1/embeddings) and SGLang's /encode.",
     )
     install_error_handlers(app)

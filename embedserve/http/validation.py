@@ -15,6 +15,7 @@ import orjson
 from embedserve.http.errors import ApiError, invalid
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
+SHOWN_CHARS = 40  # of a bad value, quoted in its error message
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def check_model(data: dict[str, Any], limits: Limits) -> str:
     if model not in limits.model_names:
         raise ApiError(
             404,
-            f"The model '{model}' does not exist. This server serves '{limits.served_name}'.",
+            f"The model '{_shown(model)}' does not exist. This server serves '{limits.served_name}'.",
             "invalid_request_error",
             "model",
             "model_not_found",
@@ -69,7 +70,9 @@ def check_encoding_format(data: dict[str, Any]) -> str:
     if fmt is None:
         return "float"
     if fmt not in ("float", "base64"):
-        raise invalid(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}.", param="encoding_format")
+        raise invalid(
+            f"'encoding_format' must be 'float' or 'base64', got {_as_json(fmt)}.", param="encoding_format"
+        )
     return fmt
 
 
@@ -80,7 +83,7 @@ def check_dimensions(data: dict[str, Any], limits: Limits) -> int | None:
     if not _is_int(dims) or not 1 <= dims <= limits.hidden_size:
         raise invalid(
             f"'dimensions' must be an integer from 1 to {limits.hidden_size} (the model's embedding "
-            f"size), got {dims!r}.",
+            f"size), got {_as_json(dims)}.",
             param="dimensions",
         )
     return dims
@@ -205,8 +208,16 @@ def _one_of(forms: list[str]) -> str:
 
 
 def _as_json(x: Any) -> str:
-    """A value as the client wrote it (roughly: orjson reads integers past 64 bits as floats)."""
-    return orjson.dumps(x).decode()[:40]
+    """The start of a value as the client wrote it (roughly: orjson reads integers past 64 bits as floats)."""
+    try:
+        return _shown(orjson.dumps(x).decode())
+    except TypeError:  # NOTE: orjson writes at most 254 levels of nesting; its parser reads deeper
+        return "a value nested too deeply to show"
+
+
+def _shown(text: str) -> str:
+    """A client's value cut for an error message: an error must not grow with the request."""
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 def _is_int(x: Any) -> bool:
