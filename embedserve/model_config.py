@@ -20,6 +20,18 @@ if TYPE_CHECKING:
 
 # Families that attend bidirectionally and pool the first token unless the folder says otherwise.
 _ENCODER_ARCHITECTURES = {"BertModel", "XLMRobertaModel"}
+# `architectures[0]` values the executor has a model class for (gpu_proc/models/registry.py, which a
+# test keeps equal to this): checked here, before any process starts, not when the executor builds it.
+SUPPORTED_ARCHITECTURES = frozenset(
+    {
+        *_ENCODER_ARCHITECTURES,
+        *(
+            f"{family}{kind}"
+            for family in ("Llama", "Mistral", "Qwen2", "Qwen3")
+            for kind in ("Model", "ForCausalLM")
+        ),
+    }
+)
 
 
 class ModelConfigError(StartupError):
@@ -91,6 +103,14 @@ def load_model_config(
     if not architectures:
         raise ModelConfigError(f"{folder}/config.json names no architecture")
     architecture = architectures[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ModelConfigError(
+            f"{folder}: unsupported model architecture {architecture!r}; supported: "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    missing = [key for key in ("hidden_size", "vocab_size") if not isinstance(hf_config.get(key), int)]
+    if missing:
+        raise ModelConfigError(f"{folder}/config.json has no integer {' or '.join(missing)}")
     declared_pooling, normalize = _read_pooling(Path(folder), architecture)
     pooling = pooling or declared_pooling
     limit = _model_context_limit(Path(folder), hf_config, architecture)

@@ -61,6 +61,22 @@ def test_a_corpus_file_is_what_gets_sent_and_counted(server, tmp_path, suffix):
     assert r["inputs"] > 0 and r["tokens"] == 4 * r["inputs"]
 
 
+def test_failed_requests_show_what_the_server_said(server, tmp_path):
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("word " * 400 + "\n")  # past the model's 256 tokens: every request gets a 400
+    out = tmp_path / "r.json"
+    done = bench(
+        "--url", server.url, "--corpus-file", str(corpus), "--concurrency", "1", "--warmup", "0.2",
+        "--duration", "1", "--no-progress", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 1
+    said = "more than the model's context length of 256 tokens"
+    assert "failed requests:" in done.stdout and "x 400 (the first: Input 0 has" in done.stdout
+    assert said in done.stdout and said in done.stderr  # the table's note and the load's own summary
+    (r,) = json.loads(out.read_text())["embedserve"]
+    assert said in r["error_examples"]["400"] and r["errors"]["400"] > 0
+
+
 def interrupt_once_measuring(args: list[str], after_load_starts: float) -> tuple[int, str, str]:
     """Runs the bench, sends SIGINT (Ctrl-C) `after_load_starts` seconds after its first load began."""
     cmd = [sys.executable, "-m", "embedserve.cli", "bench", *args]

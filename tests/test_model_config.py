@@ -34,6 +34,38 @@ def test_flags_override_pooling_and_config_fields(bundled_model_path):
         load_model_config(str(bundled_model_path), overrides="{oops")
 
 
+def test_the_supported_architectures_are_the_executors_model_classes():
+    from embedserve.gpu_proc.models.registry import MODEL_REGISTRY
+    from embedserve.model_config import SUPPORTED_ARCHITECTURES
+
+    assert set(MODEL_REGISTRY) == SUPPORTED_ARCHITECTURES
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"architectures": ["GPT2LMHeadModel"], "n_embd": 64, "vocab_size": 100},
+            "unsupported model architecture 'GPT2LMHeadModel'",
+        ),
+        ({"architectures": ["GemmaModel"], "hidden_size": 64, "vocab_size": 100}, "supported: BertModel"),
+        ({"architectures": ["Qwen2Model"], "vocab_size": 100}, "no integer hidden_size"),
+    ],
+)
+def test_a_model_the_server_cannot_build_is_refused_before_anything_starts(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelConfigError, match=message):
+        load_model_config(str(tmp_path))
+    launched = subprocess.run(
+        [sys.executable, "-m", "embedserve.launch", "--model-path", str(tmp_path), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert launched.returncode == 2 and "Traceback" not in launched.stderr
+    assert "Cannot start" in launched.stderr and message.split("'")[0] in launched.stderr
+
+
 def test_family_defaults_when_the_folder_declares_no_pooling(bundled_model_path, tmp_path):
     folder = shutil.copytree(bundled_model_path, tmp_path / "bare")
     (folder / "modules.json").unlink()

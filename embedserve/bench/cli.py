@@ -41,6 +41,7 @@ from embedserve.bench.loadgen import (
     add_load_args,
     auth,
     check_load_args,
+    describe_errors,
     first_model,
     format_summary,
     load_config,
@@ -275,7 +276,9 @@ def report(a: argparse.Namespace, asked: int, ours: list[Summary], baseline: lis
     for side, rows in (("vLLM", baseline), ("embedserve", ours)):
         for s in rows or ():
             if s.errors:
-                print(f"{side}, {s.concurrency} x {s.inputs_per_request}: failed requests {s.errors}")
+                print(
+                    f"{side}, {s.concurrency} x {s.inputs_per_request}: failed requests: {describe_errors(s)}"
+                )
     write_json(a.json_path, {"embedserve": measured(ours), "vllm": baseline}, interrupted=interrupted(ours))
     if interrupted(ours):
         print(interruption_note(ours, asked))

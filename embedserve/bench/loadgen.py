@@ -73,6 +73,7 @@ class Summary:
     tokens_per_s: float
     latency_ms: dict[str, float | None]  # p50 / p90 / p99 / mean of successful requests
     errors: dict[str, int] = field(default_factory=dict)  # HTTP status or exception name -> count
+    error_examples: dict[str, str] = field(default_factory=dict)  # ... -> what the first one said
     interrupted: bool = False  # Ctrl-C came during this load: no further load should run
     cut_short: bool = False  # ... before its window ended: the window is what had been measured by then
 
@@ -87,12 +88,16 @@ class _Recorder:
         self.inputs = 0
         self.tokens = 0
         self.errors: Counter[str] = Counter()
+        self.error_examples: dict[str, str] = {}
 
-    def record(self, began: float, ended: float, batch: tuple[list[str], int], outcome: str) -> None:
+    def record(
+        self, began: float, ended: float, batch: tuple[list[str], int], outcome: str, detail: str = ""
+    ) -> None:
         if not self.start <= ended <= self.end:
             return
         if outcome != "ok":
             self.errors[outcome] += 1
+            self.error_examples.setdefault(outcome, detail)
             return
         self.latencies.append(ended - began)
         self.inputs += len(batch[0])
@@ -108,8 +113,9 @@ def _batches(texts: list[str], tokens: list[int], per_request: int) -> Iterator[
         i = (i + per_request) % len(texts)
 
 
-async def _post(http: httpx.AsyncClient, cfg: LoadConfig, inputs: list[str]) -> str:
-    """One request; returns "ok", the HTTP status, "bad_response" or the exception's name."""
+async def _post(http: httpx.AsyncClient, cfg: LoadConfig, inputs: list[str]) -> tuple[str, str]:
+    """One request: "ok", the HTTP status, "bad_response" or the exception's name; and for a
+    failure, what went wrong (the server's error message where it sent one)."""
     body = {
         "model": cfg.model,
         "input": inputs,
@@ -119,14 +125,25 @@ async def _post(http: httpx.AsyncClient, cfg: LoadConfig, inputs: list[str]) -> 
     try:
         resp = await http.post("/v1/embeddings", json=body)
     except httpx.HTTPError as exc:
-        return type(exc).__name__
+        return type(exc).__name__, str(exc)[:MAX_DETAIL_CHARS]
     if resp.status_code != 200:
-        return str(resp.status_code)
+        return str(resp.status_code), _error_message(resp.content)
     try:
         ok = len(_loads(resp.content)["data"]) == len(inputs)
     except (ValueError, KeyError, TypeError):
         ok = False
-    return "ok" if ok else "bad_response"
+    return ("ok", "") if ok else ("bad_response", f"not {len(inputs)} embeddings: {resp.text[:100]}")
+
+
+MAX_DETAIL_CHARS = 300
+
+
+def _error_message(body: bytes) -> str:
+    """An OpenAI-style error's message, else the start of the body."""
+    try:
+        return str(_loads(body)["error"]["message"])[:MAX_DETAIL_CHARS]
+    except (ValueError, KeyError, TypeError):
+        return body[:MAX_DETAIL_CHARS].decode(errors="replace")
 
 
 async def _client(cfg: LoadConfig, batches: Iterator[tuple[list[str], int]], rec: _Recorder) -> None:
@@ -140,8 +157,8 @@ async def _client(cfg: LoadConfig, batches: Iterator[tuple[list[str], int]], rec
             batch = next(batches)  # single event loop: no lock needed around the shared iterator
             rec.sent += 1
             began = time.perf_counter()
-            outcome = await _post(http, cfg, batch[0])
-            rec.record(began, time.perf_counter(), batch, outcome)
+            outcome, detail = await _post(http, cfg, batch[0])
+            rec.record(began, time.perf_counter(), batch, outcome, detail)
             if not _answered(outcome):  # NOTE: refused or reset: a server that is down is not hammered
                 await asyncio.sleep(NO_ANSWER_PAUSE_S)
 
@@ -250,6 +267,7 @@ def _summarise(
         tokens_per_s=rec.tokens / window if window else 0.0,
         latency_ms=pct,
         errors=dict(sorted(rec.errors.items())),
+        error_examples=dict(sorted(rec.error_examples.items())),
         interrupted=interrupted,
         cut_short=cut_short,
     )
@@ -270,8 +288,17 @@ def format_summary(s: Summary) -> str:
             f"{s.requests_per_s:,.1f} requests/s",
             f"latency ms  p50 {ms(lat['p50'])}   p90 {ms(lat['p90'])}   p99 {ms(lat['p99'])}"
             f"   mean {ms(lat['mean'])}",
-            f"errors      {s.errors or 'none'}",
+            f"errors      {describe_errors(s) or 'none'}",
         ]
+    )
+
+
+def describe_errors(s: Summary) -> str:
+    """ "948 x 400 (the first: Input 0 has 404 tokens, ...)", one per kind; empty without errors."""
+    return "; ".join(
+        f"{count} x {kind}"
+        + (f" (the first: {s.error_examples[kind]})" if s.error_examples.get(kind) else "")
+        for kind, count in s.errors.items()
     )
 
 

@@ -155,6 +155,18 @@ class TokenizerWorker:
         started: float,
         counted_in_part: list[bool] | None = None,
     ) -> None:
+        empty = next((i for i, ids in enumerate(inputs) if len(ids) == 0), None)
+        if (
+            empty is not None
+        ):  # NOTE: a sequence of no tokens has nothing to pool and would never be scheduled
+            self._refuse(
+                request,
+                400,
+                "empty_input",
+                f"Input {empty} has no tokens: this model's tokenizer gives no ids for its text (only "
+                "characters it drops, such as spaces or zero-width ones). Send text with something to embed.",
+            )
+            return
         try:
             arrays = self._checked_lengths(inputs, counted_in_part)
         except InputTooLong as exc:

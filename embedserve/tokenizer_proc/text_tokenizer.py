@@ -37,7 +37,16 @@ class TextTokenizer:
             ) from exc
         if isinstance(self._backend, _FastBackend):
             self._backend = _prefer_transformers_if_different(self._backend, path)
-        self.closing_ids = _common_suffix(self._backend.encode_batch(["a", "b", "1"], None))
+        probes = self._backend.encode_batch(["a", "b", "1", "hello world"], None)
+        if not all(probes):
+            # NOTE: transformers builds an empty-vocabulary tokenizer for a folder without its files;
+            # every text would then be refused as having no tokens, the warm-up request first.
+            raise StartupError(
+                f"the tokenizer loaded from {path} gives no token ids for plain words ('hello world'): "
+                "is the folder missing its tokenizer files (tokenizer.json, or vocab and merges)? "
+                "Point --tokenizer-path at a folder that has them"
+            )
+        self.closing_ids = _common_suffix(probes[:3])
         """The special ids the tokenizer ends every text with (BERT's [SEP], a decoder's EOS), if any."""
 
     def encode_batch(
