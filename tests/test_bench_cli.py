@@ -59,6 +59,7 @@ def test_a_corpus_file_is_what_gets_sent_and_counted(server, tmp_path, suffix):
     assert done.returncode == 0, done.stderr
     (r,) = json.loads(out.read_text())["embedserve"]
     assert r["inputs"] > 0 and r["tokens"] == 4 * r["inputs"]
+    assert "warning" not in done.stderr
 
 
 def test_failed_requests_show_what_the_server_said(server, tmp_path):
@@ -73,6 +74,7 @@ def test_failed_requests_show_what_the_server_said(server, tmp_path):
     said = "more than the model's context length of 256 tokens"
     assert "failed requests:" in done.stdout and "x 400 (the first: Input 0 has" in done.stdout
     assert said in done.stdout and said in done.stderr  # the table's note and the load's own summary
+    assert "warning: 1 of 1 texts are longer than the server's context length (256 tokens)" in done.stderr
     (r,) = json.loads(out.read_text())["embedserve"]
     assert said in r["error_examples"]["400"] and r["errors"]["400"] > 0
 

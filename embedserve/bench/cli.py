@@ -72,6 +72,17 @@ def server_facts(url: str, api_key: str | None, timeout: float = 10.0) -> dict:
         return {}
 
 
+def warn_of_long_texts(tokens: list[int], context_length: int | None) -> None:
+    """Say before the run, not only in its failed requests, that texts exceed the server's limit."""
+    longer = sum(1 for n in tokens if context_length and n > context_length)
+    if longer:
+        print(
+            f"warning: {longer} of {len(tokens)} texts are longer than the server's context length "
+            f"({context_length} tokens); a server started without --allow-auto-truncate refuses them (400)",
+            file=sys.stderr,
+        )
+
+
 def run_loads(
     url: str, model: str, loads: list[tuple[int, int]], a: argparse.Namespace, texts, tokens, extra=()
 ) -> list[Summary]:
@@ -210,6 +221,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"embedserve bench: cannot read the corpus or tokenizer: {exc}", file=sys.stderr)
         return 2
     print(f"corpus: {len(texts)} texts, {sum(tokens):,} tokens (tokenizer {tokenizer_path})", file=sys.stderr)
+    warn_of_long_texts(tokens, facts.get("context_length"))
 
     baseline = None
     if a.vs_vllm:
