@@ -27,6 +27,15 @@ def _online_softmax_step(q, k, v, valid, m_i, l_i, acc, scale_log2, DOT_PRECISIO
 
 
 @triton.jit
+def _load_kv_block(k_base, v_base, rows, stride_k, stride_v, mask_n, offs_d, mask_d):
+    """One block of keys, transposed ([D, N]), and of values ([N, D]), at token `rows` of the bases."""
+    k_mask, v_mask = mask_n[None, :] & mask_d[:, None], mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_base + rows[None, :] * stride_k + offs_d[:, None], mask=k_mask, other=0.0)
+    v = tl.load(v_base + rows[:, None] * stride_v + offs_d[None, :], mask=v_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def extend_attention_kernel(
     Q, K, V, KPool, VPool, Out, CuSeqlens, PrefixLens, PageTable,
     scale_log2,
@@ -68,9 +77,7 @@ def extend_attention_kernel(
         mask_n = offs_n < prefix_len
         # NOTE: int64 row offsets: pool rows * row stride can pass 2**31 on a large pool.
         rows = tl.load(PageTable + seq * stride_page_b + offs_n, mask=mask_n, other=0).to(tl.int64)
-        k_mask, v_mask = mask_n[None, :] & mask_d[:, None], mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_pool_head + rows[None, :] * stride_kpt + offs_d[:, None], mask=k_mask, other=0.0)
-        v = tl.load(v_pool_head + rows[:, None] * stride_vpt + offs_d[None, :], mask=v_mask, other=0.0)
+        k, v = _load_kv_block(k_pool_head, v_pool_head, rows, stride_kpt, stride_vpt, mask_n, offs_d, mask_d)
         valid = mask_n[None, :]
         m_i, l_i, acc = _online_softmax_step(q, k, v, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
@@ -79,9 +86,7 @@ def extend_attention_kernel(
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < seq_len
-        k_mask, v_mask = mask_n[None, :] & mask_d[:, None], mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_new + offs_n[None, :] * stride_kt + offs_d[:, None], mask=k_mask, other=0.0)
-        v = tl.load(v_new + offs_n[:, None] * stride_vt + offs_d[None, :], mask=v_mask, other=0.0)
+        k, v = _load_kv_block(k_new, v_new, offs_n, stride_kt, stride_vt, mask_n, offs_d, mask_d)
         valid = mask_n[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])

@@ -1,10 +1,11 @@
 """The tokenizer process: turns requests into token ids in the token ring, or into a clear 400.
 
 Texts of every request waiting at once are encoded together, in calls of at most `CHUNK_TEXTS`
-texts and `CHUNK_CHARS` characters; between two calls a health probe (`/health_generate`) that has come in is encoded and sent at
-once, so that a backlog of large requests does not make a live server look stuck. Inputs over the
-context length fail the request (naming the limit and the input) unless --allow-auto-truncate is set;
-a long text is read only as far as that decision needs (long_text.py).
+texts and `CHUNK_CHARS` characters; between two calls a health probe (`/health_generate`) that has
+come in is encoded and sent at once, so that a backlog of large requests does not make a live server
+look stuck. Inputs of no tokens, and inputs over the context length unless --allow-auto-truncate is
+set, fail the request with a 400 naming the input; a long text is read only as far as that decision
+needs (long_text.py).
 """
 
 from __future__ import annotations
@@ -46,13 +47,33 @@ CHUNK_TEXTS = 256
 CHUNK_CHARS = 256_000
 
 
-class InputTooLong(Exception):
+class InputRefused(Exception):
+    """An input this server will not embed: answered 400 with `code` and the message."""
+
+    code = ""
+
+
+class InputTooLong(InputRefused):
+    code = "context_length_exceeded"
+
     def __init__(self, index: int, length: int, limit: int, counted_in_part: bool = False):
         """`counted_in_part`: `length` counts only a prefix of the input (see long_text.py)."""
         tokens = f"at least {length}" if counted_in_part else str(length)
         super().__init__(
             f"Input {index} has {tokens} tokens, more than the model's context length of {limit} tokens. "
             "Shorten it, or start the server with --allow-auto-truncate."
+        )
+
+
+class InputEmpty(InputRefused):
+    """No ids at all: nothing to pool, and a sequence of no tokens would never be scheduled."""
+
+    code = "empty_input"
+
+    def __init__(self, index: int):
+        super().__init__(
+            f"Input {index} has no tokens: this model's tokenizer gives no ids for its text (only "
+            "characters it drops, such as spaces or zero-width ones). Send text with something to embed."
         )
 
 
@@ -155,22 +176,10 @@ class TokenizerWorker:
         started: float,
         counted_in_part: list[bool] | None = None,
     ) -> None:
-        empty = next((i for i, ids in enumerate(inputs) if len(ids) == 0), None)
-        if (
-            empty is not None
-        ):  # NOTE: a sequence of no tokens has nothing to pool and would never be scheduled
-            self._refuse(
-                request,
-                400,
-                "empty_input",
-                f"Input {empty} has no tokens: this model's tokenizer gives no ids for its text (only "
-                "characters it drops, such as spaces or zero-width ones). Send text with something to embed.",
-            )
-            return
         try:
             arrays = self._checked_lengths(inputs, counted_in_part)
-        except InputTooLong as exc:
-            self._refuse(request, 400, "context_length_exceeded", str(exc))
+        except InputRefused as exc:
+            self._refuse(request, 400, exc.code, str(exc))
             return
         block = np.concatenate(arrays).astype("<i4", copy=False) if arrays else np.empty(0, "<i4")
         if block.size > self.max_request_tokens:
@@ -206,6 +215,8 @@ class TokenizerWorker:
     ) -> list[np.ndarray]:
         arrays = [np.asarray(ids, dtype="<i4") for ids in inputs]
         for index, ids in enumerate(arrays):
+            if ids.size == 0:
+                raise InputEmpty(index)
             if ids.size > self.context_length:
                 if not self.truncate:
                     in_part = bool(counted_in_part and counted_in_part[index])
