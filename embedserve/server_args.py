@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BUNDLED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+# NOTE: the `model` of an SGLang EmbeddingRequest that names none; SGLang serves it whatever it runs.
+SGLANG_DEFAULT_MODEL_NAME = "default"
 
 
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -202,8 +204,9 @@ class ServerArgs:
 
     @property
     def accepted_model_names(self) -> frozenset[str]:
-        """Names a request's `model` may carry: the served name or the path the server was started with."""
-        return frozenset({self.model_name, self.model_path})
+        """Names a request's `model` may carry: the served name, the path the server was started with,
+        or SGLang's `default` (its request's default `model`, which SGLang clients send unchanged)."""
+        return frozenset({self.model_name, self.model_path, SGLANG_DEFAULT_MODEL_NAME})
 
     def with_device_resolved(self) -> ServerArgs:
         """A copy whose `device` is concrete; the launcher calls this once so children agree."""

@@ -128,6 +128,18 @@ def test_encode_answers_sglangs_rid_as_the_id(server):
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "rid"
 
 
+def test_sglang_clients_model_default_put_encode_and_get_flush_cache(server):
+    """What SGLang's server takes: `model` "default", PUT /encode, GET /flush_cache."""
+    via_default = server.post("/v1/embeddings", {"model": "default", "input": TEXT}).json()
+    assert via_default["model"] == MODEL
+    plain = server.post("/v1/embeddings", {"input": TEXT}).json()
+    assert np.allclose(via_default["data"][0]["embedding"], plain["data"][0]["embedding"], atol=1e-6)
+    put = requests.put(f"{server.url}/encode", json={"text": TEXT}, timeout=30)
+    assert put.status_code == 200 and put.json()["meta_info"]["prompt_tokens"] == 6
+    flushed = requests.get(f"{server.url}/flush_cache", timeout=30)
+    assert flushed.status_code == 200 and flushed.text.startswith("Cache flushed")
+
+
 def test_openai_sdk_retrieves_the_model_card(server):
     import openai
 

@@ -123,7 +123,8 @@ async def embeddings(request: Request) -> Response:
     return await _run(request, meta, inputs)
 
 
-@protected.post("/encode", openapi_extra=body_spec(ENCODE_REQUEST))
+# NOTE: SGLang's /encode takes PUT as well as POST, and its /flush_cache GET as well as POST.
+@protected.api_route("/encode", methods=["POST", "PUT"], openapi_extra=body_spec(ENCODE_REQUEST))
 async def encode(request: Request) -> Response:
     state = state_of(request)
     data = v.parse_json_object(await _read_body(request))
@@ -189,7 +190,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-@protected.post("/flush_cache")
+@protected.api_route("/flush_cache", methods=["GET", "POST"])
 async def flush_cache(request: Request) -> Response:
     """SGLang's endpoint: 200 once every cached prefix and embedding is dropped, 400 while requests run."""
     done = await state_of(request).pipeline.flush_cache()
