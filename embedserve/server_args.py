@@ -49,6 +49,7 @@ _AT_LEAST = {
     "num_threads": 1,
     "shutdown_timeout": 0,
     "health_check_timeout": 1,
+    "max_connections": 1,
 }
 
 
@@ -151,6 +152,16 @@ class ServerArgs:
     max_request_bytes: int = _opt(64 * 1024 * 1024, "Largest request body in bytes (413 past it).")
     request_timeout: float | None = _opt(
         None, "Seconds a request may take before it is aborted with 504. Default: no limit."
+    )
+    client_timeout: float = _opt(
+        30.0,
+        "Seconds a client may take to send a request's headers, pause in the middle of its body (408 "
+        "past either), or leave its response unread (disconnected).",
+    )
+    max_connections: int | None = _opt(
+        None,
+        "Most client connections open at once; past it a new one gets 503 and is closed. Default: "
+        "the open-file limit (raised to its hard limit at start) less 256.",
     )
 
     # Monitoring
@@ -297,7 +308,7 @@ class ServerArgs:
             value = getattr(self, name)
             if value is not None and not value >= lowest:  # NOTE: also refuses nan
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {lowest}, not {value}")
-        for name in ("request_timeout", "mem_fraction_static"):
+        for name in ("request_timeout", "mem_fraction_static", "client_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be more than 0, not {value}")

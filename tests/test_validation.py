@@ -69,6 +69,10 @@ def test_body_must_be_a_json_object():
         with pytest.raises(ApiError) as caught:
             v.parse_json_object(body)
         assert caught.value.status == 400
+    for not_utf8 in ('{"input": "café"}'.encode("latin-1"), '{"input": "x"}'.encode("utf-16")):
+        with pytest.raises(ApiError) as caught:
+            v.parse_json_object(not_utf8)
+        assert "not UTF-8" in caught.value.message and "surrogates" not in caught.value.message
 
 
 def test_encode_fields_name_only_the_forms_they_take():

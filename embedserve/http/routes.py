@@ -150,6 +150,17 @@ async def encode(request: Request) -> Response:
 async def _read_body(request: Request) -> bytes:
     """The body, refused with 413 as soon as it passes --max-request-bytes (never buffered whole first)."""
     limit = state_of(request).args.max_request_bytes
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(
+            415,
+            f"Content-Encoding '{encoding[:40]}' is not supported: send the JSON body uncompressed.",
+            "invalid_request_error",
+            None,
+            "unsupported_content_encoding",
+            # NOTE: the rest of the body is never read; closing spares the client sending it.
+            headers={"Connection": "close"},
+        )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(int(declared), limit)
@@ -169,6 +180,9 @@ def _too_large(size: int, limit: int) -> ApiError:
         "invalid_request_error",
         None,
         "request_too_large",
+        # NOTE: without it the connection stays open and uvicorn reads and discards whatever the
+        # client goes on sending, for as long as it sends (a declared 10**15 bytes, say).
+        headers={"Connection": "close"},
     )
 
 

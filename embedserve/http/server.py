@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
@@ -13,6 +14,7 @@ from fastapi import FastAPI
 
 from embedserve.http import routes
 from embedserve.http.active_requests import ActiveRequests, TrackResponses
+from embedserve.http.connection_guard import guarded_protocol, raise_open_file_limit
 from embedserve.http.errors import install_error_handlers
 from embedserve.http.metrics import RequestMetricsMiddleware, ServerMetrics
 from embedserve.http.pipeline_client import PipelineClient
@@ -22,6 +24,8 @@ from embedserve.ipc.ports import PortArgs
 from embedserve.log import uvicorn_log_config
 from embedserve.model_config import model_config_from_args
 from embedserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
 
 
 def build_app(args: ServerArgs, ports: PortArgs, launcher: LauncherChannel | None = None) -> FastAPI:
@@ -105,15 +109,25 @@ async def _serve(server: _Server, launcher: LauncherChannel) -> None:
     raise RuntimeError("uvicorn stopped serving")
 
 
+def _connections_allowed(wanted: int | None) -> int:
+    room = raise_open_file_limit()
+    if wanted is not None and wanted > room:
+        logger.warning(
+            "--max-connections %d is more than the open-file limit leaves room for; keeping %d", wanted, room
+        )
+    return room if wanted is None else min(wanted, room)
+
+
 def run_http_process(args: ServerArgs, ports: PortArgs, conn: Connection) -> None:
     with child_process("http", args.log_level, conn) as launcher:
         app = build_app(args, ports, launcher)
+        protocol = guarded_protocol(args.client_timeout, _connections_allowed(args.max_connections))
         config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
             loop="uvloop",
-            http="httptools",
+            http=protocol,  # NOTE: httptools, with limits on slow and oversized clients
             log_config=uvicorn_log_config(args.log_level),
             timeout_keep_alive=30,
             access_log=False,  # NOTE: TrackResponses writes the same lines, after each response

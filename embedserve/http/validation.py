@@ -42,7 +42,11 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise invalid(f"The request body is not valid JSON: {exc}", param=None, code="invalid_json") from exc
+        # NOTE: orjson names any undecodable body (Latin-1, UTF-16, gzip) "surrogates not allowed".
+        reason = "it is not UTF-8" if "not valid UTF-8" in str(exc) else str(exc)
+        raise invalid(
+            f"The request body is not valid JSON: {reason}", param=None, code="invalid_json"
+        ) from exc
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object.", param=None)
     return data
