@@ -3,7 +3,7 @@
 Start-up: check the model and the port, create the shared-memory rings, start the executor,
 tokenizer, scheduler and output processes and wait for each to report ready, then the HTTP
 process; send one request through the whole pipeline; log the ready line.
-Shutdown (SIGINT/SIGTERM): HTTP drains in-flight requests, every child is stopped, the rings and
+Shutdown (SIGINT/SIGTERM/SIGHUP): HTTP drains in-flight requests, every child is stopped, the rings and
 socket directory are removed. A child that dies takes the server down with a non-zero exit.
 """
 
@@ -28,7 +28,7 @@ from embedserve.launch_support import (
     with_kv_pool,
 )
 from embedserve.log import configure_logging
-from embedserve.model_config import ModelConfigError, model_config_from_args
+from embedserve.model_config import ModelConfigError, model_config_from_args, resolve_model_folder
 from embedserve.scheduler_proc.process import run_scheduler_process
 from embedserve.server_args import ServerArgs, cuda_available, make_parser
 from embedserve.tokenizer_proc.process import run_tokenizer_process
@@ -54,6 +54,8 @@ def launch_server(args: ServerArgs) -> int:
         return 2
     try:
         model = model_config_from_args(args)
+        if args.tokenizer_path:
+            resolve_model_folder(args.tokenizer_path, "tokenizer path")
         check_port_free(args.host, args.port)
     except (ModelConfigError, OSError) as exc:
         logger.error(f"Cannot start: {exc}")

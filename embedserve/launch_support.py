@@ -125,6 +125,8 @@ class Supervisor:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
+        # NOTE: closing the terminal that runs the server sends SIGHUP: stop as for SIGTERM, drained.
+        signal.signal(signal.SIGHUP, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.stop_signal is None:
@@ -246,6 +248,7 @@ class Supervisor:
         # NOTE: cleanup takes seconds at most and must not be cut short by an impatient Ctrl+C.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         alive = [c.process for c in self.children.values() if c.process.is_alive()]
         for process in alive:
             _signal(process, signal.SIGTERM)

@@ -60,12 +60,14 @@ class ModelConfig:
         return self.architecture not in _ENCODER_ARCHITECTURES
 
 
-def resolve_model_folder(path_or_id: str) -> str:
+def resolve_model_folder(path_or_id: str, what: str = "model path") -> str:
     """A local folder for `path_or_id`: the folder itself, else the HF cache, else a download."""
+    # NOTE: a shell leaves `~` as it is after `--model-path=`, and so do systemd units and k8s args.
+    path_or_id = os.path.expanduser(path_or_id)
     if os.path.isdir(path_or_id):
         return os.path.abspath(path_or_id)
     if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
-        raise ModelConfigError(f"model path {path_or_id!r} is not a folder")
+        raise ModelConfigError(f"{what} {path_or_id!r} is not a folder")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - a dependency

@@ -41,6 +41,18 @@ def test_signal_stops_every_process_and_removes_segments(sig, launch):
     assert_all_gone(server, ipc_dir)
 
 
+def test_sighup_to_the_whole_group_drains_and_stops_like_sigterm(launch):
+    """Closing the terminal sends SIGHUP to every process of the group, children included."""
+    server = launch()
+    ipc_dir = server.ipc_dir
+    for pid in [server.proc.pid, *(child.pid for child in server.children)]:
+        os.kill(pid, signal.SIGHUP)
+    assert server.proc.wait(15) == 0
+    assert "Received SIGHUP; draining in-flight requests." in server.log()
+    assert "All embedserve processes stopped" in server.log()
+    assert_all_gone(server, ipc_dir)
+
+
 @pytest.mark.parametrize("victim", TITLES)
 def test_killed_child_takes_the_server_down(victim, launch):
     server = launch()

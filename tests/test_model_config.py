@@ -107,15 +107,28 @@ def test_a_hugging_face_id_resolves_from_the_local_cache_offline(bundled_model_p
         resolve_model_folder("acme/not-cached")
 
 
+def test_a_model_path_may_start_with_the_home_folder(bundled_model_path, tmp_path, monkeypatch):
+    shutil.copytree(bundled_model_path, tmp_path / "models" / "mini")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_model_folder("~/models/mini") == str(tmp_path / "models" / "mini")
+    with pytest.raises(ModelConfigError, match=r"tokenizer path .*not a folder"):
+        resolve_model_folder("~/models/none", "tokenizer path")
+
+
 @pytest.mark.slow
 def test_the_server_launches_from_a_hugging_face_id_offline(bundled_model_path, tmp_path):
     from launched_server import LaunchedServer
 
     lay_out_hf_cache(str(tmp_path / "hub"), "acme/tiny-embedder", bundled_model_path)
-    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    with LaunchedServer("--model-path", "acme/tiny-embedder", "--dtype", "bfloat16", env=env) as server:
+    # NOTE: not told it is offline, and a Hub that refuses every connection: a cached id must need
+    # no request at all (the tokenizer once asked for extra files, with minutes of retries).
+    unreachable_hub = "http://127.0.0.1:9"
+    online = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": unreachable_hub}
+    with LaunchedServer("--model-path", "acme/tiny-embedder", "--dtype", "bfloat16", env=online) as server:
         body = server.post("/v1/embeddings", {"model": "acme/tiny-embedder", "input": "offline"}).json()
         assert body["model"] == "acme/tiny-embedder" and len(body["data"][0]["embedding"]) == 384
+        assert unreachable_hub not in server.log() and "Retry" not in server.log()
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "embedserve.launch", "--model-path", "acme/missing"],
         capture_output=True,

@@ -75,8 +75,10 @@ def child_process(name: str, log_level: str, conn: Connection) -> Iterator[Launc
     """Set up a child; on any exception log it, tell the launcher, and exit non-zero."""
     setproctitle.setproctitle(f"embedserve::{name}")
     _die_with_parent()
-    # NOTE: Ctrl+C reaches the whole process group; only the launcher decides how to stop.
+    # NOTE: Ctrl+C, and SIGHUP from a closed terminal, reach the whole process group; only the
+    # launcher decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(log_level)
     channel = LauncherChannel(conn)
     try:

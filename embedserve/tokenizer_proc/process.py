@@ -32,7 +32,7 @@ from embedserve.messages import (
     TokenizedRequest,
     TokenizerInput,
 )
-from embedserve.model_config import model_config_from_args
+from embedserve.model_config import model_config_from_args, resolve_model_folder
 from embedserve.server_args import ServerArgs
 from embedserve.tokenizer_proc.long_text import MAX_CHARS_PER_TOKEN, max_chars
 from embedserve.tokenizer_proc.text_tokenizer import TextTokenizer
@@ -82,7 +82,9 @@ class TokenizerWorker:
         self.context_length = model_config_from_args(args).context_length
         self.truncate = args.allow_auto_truncate
         self.max_request_tokens = args.max_request_tokens
-        self.tokenizer = TextTokenizer(args.resolved_tokenizer_path)
+        # NOTE: a Hugging Face id becomes its cached folder first; handed to transformers as an id,
+        # it would ask the Hub for extra files (minutes of retries offline).
+        self.tokenizer = TextTokenizer(resolve_model_folder(args.resolved_tokenizer_path, "tokenizer path"))
         self.ring = ShmRing.attach(ports.token_ring)
         self.inbox: ZmqPull[TokenizerInput] = ZmqPull(ctx, ports.tokenizer_addr, TokenizerInput)
         self.to_scheduler: ZmqPush[SchedulerInput] = ZmqPush(ctx, ports.scheduler_addr)
