@@ -20,6 +20,14 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
+def into_our_log(library: str) -> None:
+    """A library that adds a handler of its own on import (huggingface_hub does) writes each line
+    twice, once without our format; its lines go through ours alone."""
+    library_logger = logging.getLogger(library)
+    library_logger.handlers.clear()
+    library_logger.propagate = True
+
+
 def uvicorn_log_config(level: str) -> dict:
     """uvicorn's own lines (`INFO:     Uvicorn running on ...`) and the access lines in our format."""
     fmt = "[%(asctime)s] %(levelprefix)s %(message)s"

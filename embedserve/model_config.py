@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from embedserve.log import into_our_log
 from embedserve.startup_error import StartupError, one_line
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def resolve_model_folder(path_or_id: str, what: str = "model path") -> str:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - a dependency
         raise ModelConfigError(f"{path_or_id!r} is not a folder and huggingface_hub is missing") from exc
+    into_our_log("huggingface_hub")
     try:
         return snapshot_download(path_or_id, local_files_only=True)
     except Exception as cached_miss:
@@ -113,8 +115,7 @@ def load_model_config(
     missing = [key for key in ("hidden_size", "vocab_size") if not isinstance(hf_config.get(key), int)]
     if missing:
         raise ModelConfigError(f"{folder}/config.json has no integer {' or '.join(missing)}")
-    declared_pooling, normalize = _read_pooling(Path(folder), architecture)
-    pooling = pooling or declared_pooling
+    pooling, normalize = _read_pooling(Path(folder), architecture, pooling)
     limit = _model_context_limit(Path(folder), hf_config, architecture)
     if context_length is not None and context_length > _position_limit(hf_config, architecture):
         raise ModelConfigError(
@@ -152,17 +153,24 @@ def _read_json(path: Path, required: bool = False) -> dict[str, Any]:
         raise ModelConfigError(f"cannot read {path}: {exc}") from exc
 
 
-def _read_pooling(folder: Path, architecture: str) -> tuple[str, bool]:
-    """Pooling mode and normalisation as sentence-transformers declares them, else the family default."""
-    default = "cls" if architecture in _ENCODER_ARCHITECTURES else "last"
+def _read_pooling(folder: Path, architecture: str, chosen: str | None) -> tuple[str, bool]:
+    """Pooling mode (`chosen` by --pooling, else as sentence-transformers declares it, else the family
+    default) and normalisation."""
+    default = chosen or ("cls" if architecture in _ENCODER_ARCHITECTURES else "last")
     modules = _read_json(folder / "modules.json")
     if not isinstance(modules, list):
         return default, False
     normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
     pooling = default
     for module in modules:
-        if str(module.get("type", "")).endswith("Pooling"):
-            pooling = _pooling_mode(_read_json(folder / module.get("path", "1_Pooling") / "config.json"))
+        if str(module.get("type", "")).endswith("Pooling") and chosen is None:
+            config = folder / module.get("path", "1_Pooling") / "config.json"
+            if not config.is_file():
+                raise ModelConfigError(
+                    f"{config} not found, though modules.json lists a pooling module there: restore it, "
+                    "or choose the pooling with --pooling cls|mean|last"
+                )
+            pooling = _pooling_mode(_read_json(config))
     return pooling, normalize
 
 

@@ -85,6 +85,14 @@ def test_unsupported_pooling_is_refused_not_guessed(bundled_model_path, tmp_path
         load_model_config(str(folder))
 
 
+def test_a_missing_pooling_folder_is_named_and_pooling_can_still_be_chosen(bundled_model_path, tmp_path):
+    folder = shutil.copytree(bundled_model_path, tmp_path / "nopool")
+    shutil.rmtree(folder / "1_Pooling")
+    with pytest.raises(ModelConfigError, match=r"1_Pooling/config.json not found.*--pooling"):
+        load_model_config(str(folder))
+    assert load_model_config(str(folder), pooling="mean").pooling == "mean"
+
+
 def lay_out_hf_cache(cache: str, repo_id: str, source) -> None:
     """The layout huggingface_hub itself writes: blobs are files here, snapshots/<rev> holds the tree."""
     repo = f"{cache}/models--{repo_id.replace('/', '--')}"

@@ -59,3 +59,20 @@ def test_a_launcher_holds_its_directorys_lock_until_it_removes_it():
     finally:
         ports.remove_all()
     assert not os.path.exists(ports.ipc_dir)
+
+
+def test_a_temporary_folder_too_long_for_socket_paths_is_passed_over(tmp_path, monkeypatch):
+    import tempfile
+
+    import zmq
+
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    ports = PortArgs.create()
+    try:
+        assert not ports.ipc_dir.startswith(str(deep))
+        with zmq.Context() as ctx, ctx.socket(zmq.PULL) as sock:
+            sock.bind(ports.detokenizer_addr)  # NOTE: the longest name; a path past 107 bytes fails
+    finally:
+        ports.remove_all()

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "embedserve-"
 IPC_PREFIX = "embedserve-ipc-"  # then the launcher's pid, for people reading /tmp
+# NOTE: a Unix socket's path fits in 108 bytes with its NUL; a long TMPDIR (CI runners, HPC jobs)
+# would otherwise fail ZMQ's bind in a child after the model had loaded.
+SOCKET_PATH_MAX = 107
+FALLBACK_SOCKET_ROOT = "/tmp"
 LOCK_NAME = "launcher.lock"  # locked by the launcher while it lives: a later launch can tell it is gone
 _held_locks: dict[str, int] = {}  # this launcher's socket directory -> its locked descriptor
 
@@ -33,7 +37,7 @@ class PortArgs:
 
     @classmethod
     def create(cls) -> PortArgs:
-        ipc_dir = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
+        ipc_dir = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-", dir=socket_root())
         os.chmod(ipc_dir, 0o700)
         lock = os.open(os.path.join(ipc_dir, LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(lock, fcntl.LOCK_EX)  # NOTE: the kernel drops it when we die, even by kill -9
@@ -97,11 +101,18 @@ def remove_stale_rings() -> list[str]:
     return removed
 
 
+def socket_root() -> str:
+    """The temporary folder, unless its socket paths would be too long for a Unix socket."""
+    root = tempfile.gettempdir()
+    longest = os.path.join(root, f"{IPC_PREFIX}{os.getpid()}-{'x' * 8}", "detokenizer")  # mkdtemp adds 8
+    return root if len(longest.encode()) <= SOCKET_PATH_MAX else FALLBACK_SOCKET_ROOT
+
+
 def remove_stale_ipc_dirs(root: str | None = None) -> list[str]:
     """Remove this user's socket directories whose launcher no longer runs (killed with -9): their
     lock is free. A pid would not do: a launcher in another container sharing /tmp has a pid this
     one cannot see. A directory without a lock (older, or just being made) is left alone."""
-    root = root or tempfile.gettempdir()
+    root = root or socket_root()
     removed = []
     for name in os.listdir(root):
         path = os.path.join(root, name)
