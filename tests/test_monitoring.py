@@ -97,6 +97,21 @@ def test_first_scrape_is_complete_before_any_request():
     ):
         assert re.search(rf"^{name}{{", text, flags=re.M), name
     assert 'model_name="sentence-transformers/all-MiniLM-L6-v2"' in text
+    # NOTE: the launcher's warm-up request went through the pipeline; no user sent it
+    served = re.findall(
+        r'^embedserve_(?:requests_total\{endpoint="/(?:encode|v1/embeddings)"|prompt_tokens_total\{)[^}]*\} (\S+)$',
+        text,
+        flags=re.M,
+    )
+    assert served and all(float(value) == 0 for value in served), served
+
+
+def test_latency_times_requests_served_not_client_errors(server):
+    before = metric(server, "embedserve_request_latency_seconds_count")
+    assert server.post("/v1/embeddings", {"input": []}).status_code == 400
+    assert metric(server, "embedserve_request_latency_seconds_count") == before
+    assert server.post("/v1/embeddings", {"input": "timed"}).status_code == 200
+    assert metric(server, "embedserve_request_latency_seconds_count") == before + 1
 
 
 def test_every_dashboard_query_returns_data(server, prometheus):

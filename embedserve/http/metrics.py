@@ -45,6 +45,10 @@ class ServerMetrics:
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
         self.model_name = model_name
+        # NOTE: the launcher's warm-up request and checks come before the server is ready: not user
+        # traffic, so the request series start counting once it is (the pipeline's own series count
+        # the warm-up's batch, which ran).
+        self.counting_requests = False
         self._series: list = []  # metrics labelled by model_name alone: created at start-up
         self.requests = Counter(
             "embedserve_requests",
@@ -53,7 +57,8 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.request_latency = Histogram(
-            "embedserve_request_latency_seconds", "End-to-end latency of embedding requests, as HTTP sees it.",
+            "embedserve_request_latency_seconds",
+            "End-to-end latency of embedding requests answered without a client error (4xx), as HTTP sees it.",
             ["model_name", "endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.inputs_per_request = self._histogram("inputs_per_request", "Inputs in each accepted request.")
@@ -108,14 +113,21 @@ class ServerMetrics:
             self.requests.labels(self.model_name, endpoint, "200")
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        if not self.counting_requests:
+            return
         self.requests.labels(self.model_name, endpoint, str(status)).inc()
-        if endpoint in ("/v1/embeddings", "/encode"):
+        # NOTE: a 400 or a 429 is answered in about a millisecond; timed, a misbehaving client would
+        # pull the latency of the requests served down.
+        if endpoint in ("/v1/embeddings", "/encode") and not 400 <= status < 500:
             self.request_latency.labels(self.model_name, endpoint).observe(seconds)
 
     def observe_inputs(self, count: int) -> None:
-        self.inputs_per_request.labels(self.model_name).observe(count)
+        if self.counting_requests:
+            self.inputs_per_request.labels(self.model_name).observe(count)
 
     def observe_served(self, prompt_tokens: int, cached_tokens: int, output_seconds: float = 0.0) -> None:
+        if not self.counting_requests:
+            return
         self.output_time.labels(self.model_name).observe(output_seconds)
         self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
         self.cached_tokens.labels(self.model_name).inc(cached_tokens)

@@ -124,6 +124,7 @@ class PipelineClient:
 
     def _on_state(self, msg: ServerState) -> None:
         self.ready, self.draining = msg.ready, msg.draining
+        self.metrics.counting_requests |= msg.ready
         if self.draining and self._probe is not None and not self._probe.done():
             # NOTE: its checks answer "shutting down" now, not hold the drain until the probe is back
             self._probe.set_exception(ApiError(503, "The server is shutting down."))
