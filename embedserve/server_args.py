@@ -155,8 +155,8 @@ class ServerArgs:
     )
     client_timeout: float = _opt(
         30.0,
-        "Seconds a client may take to send a request's headers, pause in the middle of its body (408 "
-        "past either), or leave its response unread (disconnected).",
+        "Seconds a client may take to send a request's headers or pause in its body, after which the "
+        "body must average 500 bytes/s (408 past any), or leave its response unread (disconnected).",
     )
     max_connections: int | None = _opt(
         None,

@@ -96,9 +96,84 @@ def test_a_body_that_stops_half_way_gets_408(server):
         reply = read_until_closed(sock)
         waited = time.monotonic() - started
     status, error = status_and_error(reply)
-    assert status == 408 and "body paused" in error["message"]
+    assert status == 408 and "body was too slow: it paused" in error["message"]
     assert CLIENT_TIMEOUT - 0.1 <= waited < CLIENT_TIMEOUT + 2
     still_serves(server)
+
+
+def test_a_body_dripped_too_slowly_gets_408_though_it_never_pauses_long(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n{")
+        started = time.monotonic()
+        sock.settimeout(0.4)
+        reply = b""
+        while not reply and time.monotonic() - started < CLIENT_TIMEOUT + 5:
+            send_quietly(sock, b" ")  # NOTE: a byte every 0.4 s: never a pause of CLIENT_TIMEOUT
+            try:
+                reply = sock.recv(65536)
+            except TimeoutError:
+                continue
+        sock.settimeout(10)
+        reply += read_until_closed(sock)
+    status, error = status_and_error(reply)
+    assert status == 408 and "bytes/s" in error["message"]
+
+
+def test_a_request_answered_before_its_body_gets_no_second_answer(server):
+    """An unknown route answers 404 without reading the body; the client then sends none."""
+    with connect(server) as sock:
+        sock.sendall(
+            b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+        )
+        reply = read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 404") and reply.count(b"HTTP/1.1") == 1
+
+
+def test_pipelined_requests_behind_a_slow_one_all_get_their_answers(server):
+    """The third request's headers straddle two writes while the first still computes for longer
+    than --client-timeout: the server stopped reading, so the client is not late."""
+    slow = json.dumps({"input": [f"text number {i} " * 12 for i in range(1500)]}).encode()
+    small = b'{"input": "small"}'
+
+    def post(body: bytes) -> bytes:
+        return (
+            f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+
+    with connect(server) as sock:
+        sock.settimeout(120)
+        sock.sendall(post(slow))
+        time.sleep(0.3)
+        third = post(small)
+        sock.sendall(post(small) + third[:20])
+        time.sleep(0.05)
+        sock.sendall(third[20:])
+        reply = b""
+        while reply.count(b"HTTP/1.1 200") < 3:
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {reply.count(b'HTTP/1.1 200')} answers"
+            reply += chunk
+    assert b"HTTP/1.1 408" not in reply
+
+
+def test_a_client_reading_slowly_but_steadily_gets_its_whole_response(server):
+    payload = json.dumps({"input": ["a long enough text to embed"] * 1000}).encode()
+    with connect(server) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        head = f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n\r\n"
+        sock.sendall(head.encode() + payload)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += sock.recv(65536)
+        length = int(re.search(rb"content-length: (\d+)", reply, re.IGNORECASE).group(1))
+        started = time.monotonic()
+        while len(reply.partition(b"\r\n\r\n")[2]) < length:
+            chunk = sock.recv(32768)
+            assert chunk, "disconnected while reading"
+            reply += chunk
+            time.sleep(max(0.0, len(reply) / 500_000 - (time.monotonic() - started)))  # ~500 KB/s
+    assert time.monotonic() - started > CLIENT_TIMEOUT * 2  # NOTE: slower than the timeout, on purpose
+    assert len(json.loads(reply.partition(b"\r\n\r\n")[2])["data"]) == 1000
 
 
 def test_oversized_headers_get_431_at_once(server):
