@@ -48,6 +48,29 @@ def send_quietly(sock: socket.socket, data: bytes) -> None:
         pass
 
 
+def trickle_until_answered(sock: socket.socket, piece: bytes, every: float, limit: float) -> bytes:
+    """Sends `piece` every `every` seconds until the server answers (or `limit` passes); its reply."""
+    started, reply = time.monotonic(), b""
+    sock.settimeout(every)
+    while not reply and time.monotonic() - started < limit:
+        send_quietly(sock, piece)
+        try:
+            reply = sock.recv(65536)
+        except TimeoutError:
+            continue
+    sock.settimeout(10)
+    return reply + read_until_closed(sock)
+
+
+def ask_for_a_large_response(sock: socket.socket, receive_buffer: int) -> None:
+    """1,000 inputs (from the embedding cache after the first time): a ~5 MB JSON response, more than
+    the kernel buffers hold with this receive buffer."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    payload = json.dumps({"input": ["a long enough text to embed"] * 1000}).encode()
+    head = f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n\r\n"
+    sock.sendall(head.encode() + payload)
+
+
 def status_and_error(reply: bytes) -> tuple[int, dict]:
     head, _, body = reply.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -71,16 +94,7 @@ def test_headers_trickled_byte_by_byte_get_408(server):
     with connect(server) as sock:
         started = time.monotonic()
         send_quietly(sock, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n")
-        sock.settimeout(0.3)
-        reply = b""
-        while not reply and time.monotonic() - started < CLIENT_TIMEOUT + 3:
-            send_quietly(sock, b"X-Slow: a\r\n")
-            try:
-                reply = sock.recv(65536)
-            except TimeoutError:
-                continue
-        sock.settimeout(10)
-        reply += read_until_closed(sock)
+        reply = trickle_until_answered(sock, b"X-Slow: a\r\n", every=0.3, limit=CLIENT_TIMEOUT + 3)
     assert time.monotonic() - started < CLIENT_TIMEOUT + 2
     status, error = status_and_error(reply)
     assert status == 408 and error["code"] == "timeout" and "headers" in error["message"]
@@ -104,17 +118,8 @@ def test_a_body_that_stops_half_way_gets_408(server):
 def test_a_body_dripped_too_slowly_gets_408_though_it_never_pauses_long(server):
     with connect(server) as sock:
         sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n{")
-        started = time.monotonic()
-        sock.settimeout(0.4)
-        reply = b""
-        while not reply and time.monotonic() - started < CLIENT_TIMEOUT + 5:
-            send_quietly(sock, b" ")  # NOTE: a byte every 0.4 s: never a pause of CLIENT_TIMEOUT
-            try:
-                reply = sock.recv(65536)
-            except TimeoutError:
-                continue
-        sock.settimeout(10)
-        reply += read_until_closed(sock)
+        # NOTE: a byte every 0.4 s: never a pause of CLIENT_TIMEOUT
+        reply = trickle_until_answered(sock, b" ", every=0.4, limit=CLIENT_TIMEOUT + 5)
     status, error = status_and_error(reply)
     assert status == 408 and "bytes/s" in error["message"]
 
@@ -157,11 +162,8 @@ def test_pipelined_requests_behind_a_slow_one_all_get_their_answers(server):
 
 
 def test_a_client_reading_slowly_but_steadily_gets_its_whole_response(server):
-    payload = json.dumps({"input": ["a long enough text to embed"] * 1000}).encode()
     with connect(server) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        head = f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n\r\n"
-        sock.sendall(head.encode() + payload)
+        ask_for_a_large_response(sock, receive_buffer=65536)
         reply = b""
         while b"\r\n\r\n" not in reply:
             reply += sock.recv(65536)
@@ -207,11 +209,8 @@ def test_connections_past_the_cap_get_503_and_the_server_recovers(server):
 
 def test_a_client_that_never_reads_its_response_is_disconnected(server):
     """A ~5 MB response the client does not read is dropped after --client-timeout, not kept."""
-    payload = json.dumps({"input": ["a long enough text to embed"] * 1000}).encode()
     with connect(server) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        head = f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n\r\n"
-        sock.sendall(head.encode() + payload)
+        ask_for_a_large_response(sock, receive_buffer=4096)
         deadline = time.monotonic() + 60  # NOTE: the model's work, then the timeout
         while "read none of its response" not in server.log() and time.monotonic() < deadline:
             time.sleep(0.2)
