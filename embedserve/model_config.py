@@ -156,21 +156,23 @@ def _read_json(path: Path, required: bool = False) -> dict[str, Any]:
 def _read_pooling(folder: Path, architecture: str, chosen: str | None) -> tuple[str, bool]:
     """Pooling mode (`chosen` by --pooling, else as sentence-transformers declares it, else the family
     default) and normalisation."""
-    default = chosen or ("cls" if architecture in _ENCODER_ARCHITECTURES else "last")
+    pooling = chosen or ("cls" if architecture in _ENCODER_ARCHITECTURES else "last")
     modules = _read_json(folder / "modules.json")
     if not isinstance(modules, list):
-        return default, False
+        return pooling, False
     normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-    pooling = default
+    if chosen is not None:
+        return chosen, normalize
     for module in modules:
-        if str(module.get("type", "")).endswith("Pooling") and chosen is None:
-            config = folder / module.get("path", "1_Pooling") / "config.json"
-            if not config.is_file():
-                raise ModelConfigError(
-                    f"{config} not found, though modules.json lists a pooling module there: restore it, "
-                    "or choose the pooling with --pooling cls|mean|last"
-                )
-            pooling = _pooling_mode(_read_json(config))
+        if not str(module.get("type", "")).endswith("Pooling"):
+            continue
+        config = folder / module.get("path", "1_Pooling") / "config.json"
+        if not config.is_file():
+            raise ModelConfigError(
+                f"{config} not found, though modules.json lists a pooling module there: restore it, "
+                "or choose the pooling with --pooling cls|mean|last"
+            )
+        pooling = _pooling_mode(_read_json(config))
     return pooling, normalize
 
 

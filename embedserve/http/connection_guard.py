@@ -29,9 +29,11 @@ import resource
 import struct
 import termios
 import time
+from http import HTTPStatus
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from embedserve.http.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +58,11 @@ def raise_open_file_limit() -> int:
     return max(1, soft - FILE_DESCRIPTORS_KEPT)
 
 
-def _error_bytes(status: int, reason: str, message: str, code: str) -> bytes:
-    kind = "service_unavailable" if status == 503 else "invalid_request_error"
-    body = orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+def _error_bytes(status: int, message: str, code: str) -> bytes:
+    """A whole HTTP response carrying the error, written to the socket below the app."""
+    body = ApiError(status, message, code=code).body()
     head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
@@ -108,7 +110,6 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._headers_started is not None and self._header_bytes >= MAX_HEADER_BYTES:
             self._close_with(
                 431,
-                "Request Header Fields Too Large",
                 f"The request's line and headers exceed {MAX_HEADER_BYTES} bytes.",
                 "headers_too_large",
             )
@@ -194,20 +195,13 @@ class GuardedProtocol(HttpToolsProtocol):
                 self.transport.close()  # NOTE: an idle connection: nothing to answer
                 return
             else:
-                self._close_with(
-                    408, "Request Timeout", f"The request's headers took over {late}.", "timeout"
-                )
+                self._close_with(408, f"The request's headers took over {late}.", "timeout")
                 return
-        elif self._body_started is not None and self._body_late(now):
+        elif self._body_started is not None and (why := self._body_late(now)):
             if self.cycle is not None and self.cycle.response_complete:
                 self.transport.close()  # NOTE: answered without its body (a 401, say): nothing to add
             else:
-                self._close_with(
-                    408,
-                    "Request Timeout",
-                    f"The request's body was too slow: {self._body_late(now)}",
-                    "timeout",
-                )
+                self._close_with(408, f"The request's body was too slow: {why}", "timeout")
             return
         self._arm()
 
@@ -242,7 +236,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     # --- refusals --------------------------------------------------------------------------------------
 
-    def _close_with(self, status: int, reason: str, message: str, code: str) -> None:
+    def _close_with(self, status: int, message: str, code: str) -> None:
         self._cancel_timer()
         answering = self.cycle is not None and not self.cycle.response_complete
         # NOTE: while headers are read, self.cycle is the request before (uvicorn makes the new one
@@ -257,7 +251,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if earlier_pending:
             self.transport.abort()
             return
-        self.transport.write(_error_bytes(status, reason, message, code))
+        self.transport.write(_error_bytes(status, message, code))
         self.transport.close()
 
     def _refuse_past_the_cap(self) -> None:
@@ -272,7 +266,6 @@ class GuardedProtocol(HttpToolsProtocol):
             )
         self._close_with(
             503,
-            "Service Unavailable",
             f"The server has {self.max_connections} connections open, its limit; try again shortly.",
             "too_many_connections",
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -50,6 +49,9 @@ class ApiError(Exception):
     def response(self) -> Response:
         return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
 
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.param, self.code)
+
 
 def invalid(message: str, param: str | None = "input", code: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param, code)
@@ -63,8 +65,12 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    body: dict[str, Any] = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+    body = error_body(message, type, param, code)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 
 def install_error_handlers(app: FastAPI) -> None:

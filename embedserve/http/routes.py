@@ -154,7 +154,7 @@ async def _read_body(request: Request) -> bytes:
     if encoding not in ("", "identity"):
         raise ApiError(
             415,
-            f"Content-Encoding '{encoding[:40]}' is not supported: send the JSON body uncompressed.",
+            f"Content-Encoding '{v.shown(encoding)}' is not supported: send the JSON body uncompressed.",
             "invalid_request_error",
             None,
             "unsupported_content_encoding",

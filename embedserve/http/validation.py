@@ -61,7 +61,7 @@ def check_model(data: dict[str, Any], limits: Limits) -> str:
     if model not in limits.model_names:
         raise ApiError(
             404,
-            f"The model '{_shown(model)}' does not exist. This server serves '{limits.served_name}'.",
+            f"The model '{shown(model)}' does not exist. This server serves '{limits.served_name}'.",
             "invalid_request_error",
             "model",
             "model_not_found",
@@ -214,12 +214,12 @@ def _one_of(forms: list[str]) -> str:
 def _as_json(x: Any) -> str:
     """The start of a value as the client wrote it (roughly: orjson reads integers past 64 bits as floats)."""
     try:
-        return _shown(orjson.dumps(x).decode())
+        return shown(orjson.dumps(x).decode())
     except TypeError:  # NOTE: orjson writes at most 254 levels of nesting; its parser reads deeper
         return "a value nested too deeply to show"
 
 
-def _shown(text: str) -> str:
+def shown(text: str) -> str:
     """A client's value cut for an error message: an error must not grow with the request."""
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
