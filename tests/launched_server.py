@@ -52,6 +52,16 @@ class LaunchedServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_lines_with(self, fragment: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+        """The log's lines holding `fragment`, once there are `count` of them (or `timeout` passed):
+        the server writes some lines just after the client has its answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.log().splitlines() if fragment in line]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
     def child(self, title: str) -> psutil.Process:
         """The child process whose title is `embedserve::<title>`."""
         for proc in self.children:
