@@ -28,6 +28,7 @@ from embedserve.gpu_proc.layers.linear import Linear
 from embedserve.gpu_proc.layers.onednn import onednn_unavailable
 from embedserve.gpu_proc.layers.pooling import Pooler
 from embedserve.gpu_proc.models.registry import get_model_class
+from embedserve.gpu_proc.token_buckets import pad_batch
 from embedserve.gpu_proc.weight_loader import load_weights
 from embedserve.model_config import ModelConfig
 
@@ -134,6 +135,9 @@ class ModelRunner:
                 raise ValueError("this model cannot extend cached prefixes (supports_kv_cache is False)")
             _check_kv(kv, lens, self.config.context_length, self.kv_pool_tokens)
             positions += np.repeat(np.asarray(kv.prefix_lens, dtype=np.int64), lens)
+        num_seqs, num_tokens = len(lens), len(input_ids)
+        if self.device.type == "cpu" and kv is None:  # NOTE: a KV batch's every token has a pool slot
+            input_ids, lens, positions = pad_batch(input_ids, lens, positions)
         ids = torch.from_numpy(np.ascontiguousarray(input_ids)).to(self.device, non_blocking=True)
         ctx = make_forward_context(
             lens.tolist(), self.config.is_causal, self.attention_backend, self.device, kv
@@ -141,11 +145,11 @@ class ModelRunner:
         threads = self.max_threads
         if self.device.type == "cpu":
             idle_s = time.perf_counter() - self.last_forward_end
-            threads = batch_threads(len(input_ids), self.flops_per_token_per_layer, self.max_threads, idle_s)
+            threads = batch_threads(num_tokens, self.flops_per_token_per_layer, self.max_threads, idle_s)
         try:
             with forward_context(ctx), self.core_share.running_batch(threads):
                 hidden = self.model(ids, torch.from_numpy(positions).to(self.device, non_blocking=True))
-                return self.pooler(hidden, ctx.cu_seqlens).cpu().numpy()
+                return self.pooler(hidden, ctx.cu_seqlens)[:num_seqs].cpu().numpy()
         finally:
             self.last_forward_end = time.perf_counter()
 

@@ -1,0 +1,63 @@
+"""CPU batches run at a rounded-up token count (gpu_proc/token_buckets.py): few sizes, little padding,
+and the dummy tokens never reach a real sequence's embedding (checked against transformers' BertModel)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import build_tiny_model
+from transformers import BertModel
+
+from embedserve.gpu_proc.model_runner import ModelRunner
+from embedserve.gpu_proc.token_buckets import pad_batch, padded_token_count
+from embedserve.model_config import load_model_config
+
+
+def test_a_4096_token_budget_meets_80_sizes_none_padded_by_more_than_a_sixteenth():
+    sizes = {padded_token_count(n) for n in range(1, 4097)}
+    assert len(sizes) == 80
+    for n in range(1, 5000):
+        padded = padded_token_count(n)
+        assert padded >= n
+        assert padded - n < 16 if n < 256 else padded - n <= n / 16
+        assert padded_token_count(padded) == padded  # a size is its own bucket
+
+
+def test_pad_batch_appends_one_dummy_sequence_at_position_zero():
+    ids = np.arange(1, 21, dtype=np.int32)
+    lens = np.array([5, 15])
+    positions = np.concatenate([np.arange(5), np.arange(15)])
+    got_ids, got_lens, got_positions = pad_batch(ids, lens, positions)
+    assert got_lens.tolist() == [5, 15, 12]
+    np.testing.assert_array_equal(got_ids[:20], ids)
+    assert got_ids.dtype == ids.dtype and not got_ids[20:].any()
+    np.testing.assert_array_equal(got_positions[:20], positions)
+    assert not got_positions[20:].any()
+
+
+def test_a_batch_already_at_a_size_is_left_alone():
+    ids, lens, positions = np.ones(32, np.int64), np.array([32]), np.arange(32)
+    assert pad_batch(ids, lens, positions)[0] is ids
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory, bundled_model_path):
+    return build_tiny_model(tmp_path_factory.mktemp("bert_mean"), "bert", bundled_model_path, "mean")
+
+
+def test_dummy_tokens_never_reach_a_real_embedding(tiny_bert):
+    """27 sequences of 38 tokens: 1,026 tokens run as 1,088, a dummy of 62 tokens, longer than the
+    40-token context; every row still equals transformers' BertModel on that sequence alone."""
+    runner = ModelRunner(load_model_config(str(tiny_bert), context_length=40), device="cpu", dtype="float32")
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1000, 20000, size=38) for _ in range(27)]
+    assert padded_token_count(27 * 38) - 27 * 38 > 40
+    got = runner.embed(np.concatenate(seqs), [38] * 27)
+
+    bert = BertModel.from_pretrained(str(tiny_bert)).eval()
+    with torch.no_grad():
+        hidden = bert(torch.from_numpy(np.stack(seqs))).last_hidden_state.mean(dim=1)
+    want = torch.nn.functional.normalize(hidden, dim=-1).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=2e-5)
