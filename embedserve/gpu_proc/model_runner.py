@@ -87,6 +87,9 @@ class ModelRunner:
         )
         logger.info("Attention backend: %s", self.attention_backend.name)
         self.kv_pool_tokens = 0
+        # NOTE: on the CPU a batch runs at a rounded-up token count (token_buckets.py);
+        # bench/token_buckets.py turns this off for its baseline.
+        self.round_token_counts = self.device.type == "cpu"
 
     @property
     def supports_kv_cache(self) -> bool:
@@ -136,7 +139,7 @@ class ModelRunner:
             _check_kv(kv, lens, self.config.context_length, self.kv_pool_tokens)
             positions += np.repeat(np.asarray(kv.prefix_lens, dtype=np.int64), lens)
         num_seqs, num_tokens = len(lens), len(input_ids)
-        if self.device.type == "cpu" and kv is None:  # NOTE: a KV batch's every token has a pool slot
+        if self.round_token_counts and kv is None:  # NOTE: a KV batch's every token has a pool slot
             input_ids, lens, positions = pad_batch(input_ids, lens, positions)
         ids = torch.from_numpy(np.ascontiguousarray(input_ids)).to(self.device, non_blocking=True)
         ctx = make_forward_context(
