@@ -36,6 +36,14 @@ def test_pad_batch_appends_one_dummy_sequence_at_position_zero():
     assert not got_positions[20:].any()
 
 
+def test_a_long_pad_comes_as_several_short_dummy_sequences():
+    """4,100 tokens run as 4,352: 252 dummies in sequences of at most 64 tokens."""
+    lens = np.array([4000, 100])
+    ids, got_lens, positions = pad_batch(np.ones(4100, np.int32), lens, np.zeros(4100, np.int64))
+    assert len(ids) == len(positions) == padded_token_count(4100) == 4352
+    assert got_lens.tolist() == [4000, 100, 64, 64, 64, 60]
+
+
 def test_a_batch_already_at_a_size_is_left_alone():
     ids, lens, positions = np.ones(32, np.int64), np.array([32]), np.arange(32)
     assert pad_batch(ids, lens, positions)[0] is ids
@@ -48,7 +56,8 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, bundled_model_path):
 
 def test_dummy_tokens_never_reach_a_real_embedding(tiny_bert):
     """27 sequences of 38 tokens: 1,026 tokens run as 1,088, a dummy of 62 tokens, longer than the
-    40-token context; every row still equals transformers' BertModel on that sequence alone."""
+    40-token context; every row still equals transformers' BertModel on that sequence alone, and
+    only the real rows come back."""
     runner = ModelRunner(load_model_config(str(tiny_bert), context_length=40), device="cpu", dtype="float32")
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1000, 20000, size=38) for _ in range(27)]
