@@ -98,11 +98,20 @@ def serves_again(server: LaunchedServer, within: float = 60.0) -> bool:
 
 
 def test_request_timeout_is_504_and_its_queued_work_is_dropped(limited):
+    """NOTE: judged by what is scheduled after the 504, not by a share of the whole: how much of the
+    request a machine computes within the 2 s is its speed (it was a half until a faster CPU)."""
     since = len(limited.log())
     error = assert_openai_error(limited.post("/v1/embeddings", {"input": passages(240, "timeout")}), 504)
+    at_timeout = len(limited.log())
     assert error["code"] == "request_timeout"
     assert serves_again(limited)
-    assert scheduled_tokens(limited, since) < 240 * 245 / 2, "the timed-out request kept being computed"
+    before = scheduled_tokens(limited, since) - scheduled_tokens(limited, at_timeout)
+    after = scheduled_tokens(limited, at_timeout)
+    # NOTE: up to two batches of the 4,096-token CPU budget are in flight at the timeout, and one
+    # more batch's log line may land just after the 504 is read.
+    allowance = 3 * 4096
+    assert before < 240 * 245 - allowance, "the request finished too soon for this test to tell anything"
+    assert after < allowance, f"the timed-out request kept being computed ({after} tokens after its 504)"
 
 
 def test_crash_in_the_forward_fails_only_its_batch(limited):
