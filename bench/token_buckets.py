@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 
 from embedserve.launch import set_child_env_defaults
 
@@ -26,6 +25,7 @@ set_child_env_defaults()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.model_alone import run_embedserve  # noqa: E402
 from embedserve.bench.corpus import bundled_model_path, load_tokenizer, make_corpus  # noqa: E402
 from embedserve.gpu_proc.model_runner import ModelRunner  # noqa: E402
 from embedserve.model_config import load_model_config  # noqa: E402
@@ -36,11 +36,7 @@ MODES = {"rounded (the server)": True, "exact": False}
 
 def tokens_per_second(runner: ModelRunner, rounded: bool, work: list[list[list[int]]]) -> float:
     runner.round_token_counts = rounded
-    started, tokens = time.perf_counter(), 0
-    for batch in work:
-        runner.embed(np.concatenate([np.asarray(s, np.int32) for s in batch]), [len(s) for s in batch])
-        tokens += sum(map(len, batch))
-    return tokens / (time.perf_counter() - started)
+    return run_embedserve(runner, work)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"### Batch token counts rounded up or exact ({a.dtype}, {threads} threads, torch {torch.__version__})\n"
     )
-    print(f"`python -m bench.token_buckets {' '.join(sys.argv[1:])}`".replace(" `", "`"))
+    print(f"`{' '.join(['python -m bench.token_buckets', *sys.argv[1:]])}`")
     print(f"\n{a.batches} batches per mode and round, {a.rounds} rounds; tokens/s, median of rounds\n")
     print("| inputs per batch | mean tokens | rounded (the server) | exact | rounded / exact | rounds |")
     print("|---:|---:|---:|---:|---:|---|")
