@@ -110,10 +110,14 @@ def test_flush_cache_is_refused_while_busy_and_then_forgets_everything(tiny_qwen
         server.post("/v1/embeddings", {"input": text})
         hit = server.post("/v1/embeddings", {"input": text}).json()["usage"]
         assert hit["prompt_tokens_details"]["cached_tokens"] == hit["prompt_tokens"]
-        busy = threading.Thread(target=server.post, args=("/v1/embeddings", {"input": [text + " x"] * 300}))
+        # NOTE: inputs that share no prefix and repeat nothing, so the request stays in flight long
+        # enough to be seen (300 copies of one text were answered from the cache in ~30 ms), and
+        # flushes are tried for as long as it is in flight, not a fixed number of times.
+        work = {"input": [f"{i} {text}" for i in range(300)]}
+        busy = threading.Thread(target=server.post, args=("/v1/embeddings", work))
         busy.start()
         refused = None
-        for _ in range(50):
+        while busy.is_alive():
             refused = requests.post(f"{server.url}/flush_cache", timeout=10)
             if refused.status_code == 400:
                 break
