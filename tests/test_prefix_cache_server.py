@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -104,6 +105,11 @@ def test_concurrent_requests_under_eviction_pressure_match_cold_results(tiny_qwe
         assert "KV Cache is allocated. #tokens: 256" in server.log()
 
 
+def requests_in_flight(url: str) -> float:
+    metrics = requests.get(f"{url}/metrics", timeout=10).text.splitlines()
+    return sum(float(m.rsplit(" ", 1)[1]) for m in metrics if m.startswith("embedserve_in_flight_requests{"))
+
+
 def test_flush_cache_is_refused_while_busy_and_then_forgets_everything(tiny_qwen2, cold):
     with LaunchedServer("--model-path", str(tiny_qwen2)) as server:
         text = next(iter(cold))
@@ -111,11 +117,14 @@ def test_flush_cache_is_refused_while_busy_and_then_forgets_everything(tiny_qwen
         hit = server.post("/v1/embeddings", {"input": text}).json()["usage"]
         assert hit["prompt_tokens_details"]["cached_tokens"] == hit["prompt_tokens"]
         # NOTE: inputs that share no prefix and repeat nothing, so the request stays in flight long
-        # enough to be seen (300 copies of one text were answered from the cache in ~30 ms), and
-        # flushes are tried for as long as it is in flight, not a fixed number of times.
+        # enough to be seen (300 copies of one text were answered from the cache in ~30 ms); the
+        # flushes start once it is in flight (one sent before it would wait in the scheduler for
+        # the idle moment after it, and succeed), and go on for as long as it is.
         work = {"input": [f"{i} {text}" for i in range(300)]}
         busy = threading.Thread(target=server.post, args=("/v1/embeddings", work))
         busy.start()
+        while busy.is_alive() and requests_in_flight(server.url) < 1:
+            time.sleep(0.002)
         refused = None
         while busy.is_alive():
             refused = requests.post(f"{server.url}/flush_cache", timeout=10)
