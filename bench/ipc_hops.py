@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import zmq
 
+from embedserve.bench.one_at_a_time import one_at_a_time
+
 STAGES = 5
 MESSAGE = b"x" * 200
 STOP = b"stop"
@@ -103,19 +105,11 @@ def five_hops_us(kind: str, gaps_ms: list[float], messages: int) -> dict[float, 
     for stage in stages:
         stage.start()
     send, recv, close = ring(kind, folder)
-    for _ in range(20):  # NOTE: every connection made and every stage warm before timing
-        send(MESSAGE)
-        recv()
-    out = {}
-    for gap in gaps_ms:
-        samples = []
-        for _ in range(messages):
-            time.sleep(gap / 1e3)
-            started = time.perf_counter()
-            send(MESSAGE)
-            recv()
-            samples.append((time.perf_counter() - started) * 1e6)
-        out[gap] = statistics.median(samples)
+    round_trip = lambda: (send(MESSAGE), recv())  # noqa: E731
+    # NOTE: the warm-up: every connection made and every stage warm before timing
+    out = {
+        gap: statistics.median(one_at_a_time(round_trip, messages, gap, warmup=20)) * 1e3 for gap in gaps_ms
+    }
     send(STOP)
     recv()
     for stage in stages:

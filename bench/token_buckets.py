@@ -46,12 +46,17 @@ def tokens_per_second(runner: ModelRunner, rounded: bool, work: list[list[list[i
     return run_embedserve(runner, work)
 
 
+def floor_of_16_size(tokens: int) -> int:
+    """The size the rounding ran one sequence (at most 256 tokens) at before b436a07."""
+    return -(-tokens // 16) * 16
+
+
 def one_sequence_ms(runner: ModelRunner, tokens: int, floor_of_16: bool) -> float:
     """p50 ms of one forward of a `tokens`-long sequence, as the server runs it or padded to 16s."""
     ids = np.random.default_rng(tokens).integers(1000, 20000, tokens).astype(np.int32)
     lens = [tokens]
     runner.round_token_counts = not floor_of_16
-    if floor_of_16 and (pad := -tokens % 16):
+    if floor_of_16 and (pad := floor_of_16_size(tokens) - tokens):
         ids, lens = np.concatenate([ids, np.zeros(pad, np.int32)]), [tokens, pad]
     return float(np.median(one_at_a_time(lambda: runner.embed(ids, lens), 40, warmup=10)))
 
@@ -66,7 +71,7 @@ def compare_one_sequence(runner: ModelRunner, sizes: list[int], rounds: int) -> 
                 ms[floor].append(one_sequence_ms(runner, tokens, floor))
         server, floor16 = np.median(ms[False]), np.median(ms[True])
         print(
-            f"| {tokens} | {padded_token_count(tokens)} | {server:.2f} | {-(-tokens // 16) * 16} | {floor16:.2f} "
+            f"| {tokens} | {padded_token_count(tokens)} | {server:.2f} | {floor_of_16_size(tokens)} | {floor16:.2f} "
             f"| **{server / floor16:.2f}** |",
             flush=True,
         )

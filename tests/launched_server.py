@@ -79,6 +79,11 @@ class LaunchedServer:
     def post(self, path: str, payload: object, **kw) -> requests.Response:
         return requests.post(self.url + path, json=payload, **{"timeout": 60, **kw})
 
+    def metric_sum(self, name: str) -> float:
+        """The metric's value summed over its label sets, from /metrics."""
+        text = requests.get(f"{self.url}/metrics", timeout=5).text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)

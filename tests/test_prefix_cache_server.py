@@ -105,11 +105,6 @@ def test_concurrent_requests_under_eviction_pressure_match_cold_results(tiny_qwe
         assert "KV Cache is allocated. #tokens: 256" in server.log()
 
 
-def requests_in_flight(url: str) -> float:
-    metrics = requests.get(f"{url}/metrics", timeout=10).text.splitlines()
-    return sum(float(m.rsplit(" ", 1)[1]) for m in metrics if m.startswith("embedserve_in_flight_requests{"))
-
-
 def test_flush_cache_is_refused_while_busy_and_then_forgets_everything(tiny_qwen2, cold):
     with LaunchedServer("--model-path", str(tiny_qwen2)) as server:
         text = next(iter(cold))
@@ -123,7 +118,7 @@ def test_flush_cache_is_refused_while_busy_and_then_forgets_everything(tiny_qwen
         work = {"input": [f"{i} {text}" for i in range(300)]}
         busy = threading.Thread(target=server.post, args=("/v1/embeddings", work))
         busy.start()
-        while busy.is_alive() and requests_in_flight(server.url) < 1:
+        while busy.is_alive() and server.metric_sum("embedserve_in_flight_requests") < 1:
             time.sleep(0.002)
         refused = None
         while busy.is_alive():

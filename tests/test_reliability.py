@@ -121,21 +121,15 @@ def test_crash_in_the_forward_fails_only_its_batch(limited):
     assert healthy(limited)
 
 
-def metric_sum(server: LaunchedServer, name: str) -> float:
-    """The metric's value summed over its label sets, from /metrics."""
-    text = requests.get(f"{server.url}/metrics", timeout=5).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
-
-
 def test_health_generate_reports_a_stuck_pipeline_that_health_does_not(limited):
     counters = ("prompt_tokens_total", "queue_wait_seconds_count", "tokenize_seconds_count")
     time.sleep(0.5)  # NOTE: the scheduler reports every 50 ms: earlier requests' numbers are in
-    before = [metric_sum(limited, f"embedserve_{name}") for name in counters]
+    before = [limited.metric_sum(f"embedserve_{name}") for name in counters]
     ok = requests.get(f"{limited.url}/health_generate", timeout=30)
     assert (ok.status_code, ok.json()) == (200, {"status": "ok"})
     assert requests.head(f"{limited.url}/health_generate", timeout=30).status_code == 200
     time.sleep(0.5)
-    after = [metric_sum(limited, f"embedserve_{name}") for name in counters]
+    after = [limited.metric_sum(f"embedserve_{name}") for name in counters]
     assert after == before, f"the probes counted in {counters}: {before} -> {after}"
     executor = limited.child("executor")
     executor.suspend()  # a hung process: SIGSTOP
@@ -150,10 +144,10 @@ def test_health_generate_reports_a_stuck_pipeline_that_health_does_not(limited):
             late = pool.submit(timed_get, f"{limited.url}/health_generate")  # its own 2 s, not the rest
             for _ in range(4):  # errors still come back from the tokenizer: they are not progress
                 refused.append(limited.post("/v1/embeddings", {"input": "word " * 300}).status_code)
-            inputs_held = metric_sum(limited, "embedserve_queue_sequences") + metric_sum(
-                limited, "embedserve_running_sequences"
+            inputs_held = limited.metric_sum("embedserve_queue_sequences") + limited.metric_sum(
+                "embedserve_running_sequences"
             )
-            in_flight = metric_sum(limited, "embedserve_in_flight_requests")
+            in_flight = limited.metric_sum("embedserve_in_flight_requests")
             stuck = [check.result() for check in checks]
             late_response, late_waited = late.result()
         waited = time.monotonic() - started
